@@ -1,0 +1,64 @@
+"""Make fairseq 0.12 usable with recent torch; applied when the plugin is imported.
+
+1. torch >= 2.6 loads with weights_only=True, and fairseq checkpoints (which pickle an
+   argparse.Namespace / omegaconf config) then fail: "Unsupported global: argparse.Namespace".
+   We give fairseq.checkpoint_utils, and only it, a `torch` whose load() defaults to
+   weights_only=False. That covers fairseq-generate, resuming training and model loading; these
+   files are the user's own checkpoints, the trust model fairseq was written for.
+2. An out-of-range criterion option raises EncouragingLossOptionError; fairseq's command-line
+   tools would print it under a traceback wall. A chained sys.excepthook prints that error
+   alone, as one line, and exits with status 2 like argparse does.
+"""
+import sys
+
+import torch
+
+from .loss.bonus import EncouragingLossOptionError
+
+
+class _TorchWithTrustedLoad:
+    """Stands in for the `torch` module inside fairseq.checkpoint_utils only."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return torch.load(*args, **kwargs)
+
+
+def trusted_torch_load(path, map_location="cpu"):
+    """torch.load for fairseq checkpoints (see 1. above)."""
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def patch_fairseq_checkpoint_loading():
+    try:
+        from fairseq import checkpoint_utils
+    except ImportError:  # the loss package is usable without fairseq
+        return
+    if not isinstance(checkpoint_utils.torch, _TorchWithTrustedLoad):
+        checkpoint_utils.torch = _TorchWithTrustedLoad()
+
+
+def _one_line_option_errors(previous_hook):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, EncouragingLossOptionError):
+            prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "fairseq"
+            sys.stderr.write(f"{prog}: error: {exc}\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
+        previous_hook(exc_type, exc, tb)
+
+    hook._el_fairseq = True
+    return hook
+
+
+def install_excepthook():
+    if not getattr(sys.excepthook, "_el_fairseq", False):
+        sys.excepthook = _one_line_option_errors(sys.excepthook)
+
+
+patch_fairseq_checkpoint_loading()
+install_excepthook()

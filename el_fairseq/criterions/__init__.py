@@ -1,0 +1,1 @@
+from . import encouraging_loss  # noqa: F401

@@ -1,0 +1,57 @@
+"""One entry point for every implementation of the encouraging loss, with input checks.
+
+impl:
+  "reference"  plain torch on log_softmax(logits) (reference.py), autograd backward;
+  "chunked"    fused loss+gradient over row chunks (chunked.py), CPU and CUDA;
+  "auto"       "chunked" (it supports every option), "reference" when gradients of higher
+               order are needed (the fused backward is once-differentiable).
+"""
+import torch
+import torch.nn.functional as F
+
+from .bonus import BonusSpec, EncouragingLossOptionError
+from .chunked import chunked_encouraging_loss
+from .diagnostics import token_stats_from_logits
+from .reference import encouraging_nll_loss
+
+IMPLS = ("auto", "reference", "chunked")
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise EncouragingLossOptionError(f"--el-impl {impl!r} is not known: allowed {', '.join(IMPLS)}")
+    return "chunked" if impl == "auto" else impl
+
+
+def _check_inputs(logits, target, epsilon):
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have a class dimension, got shape {tuple(logits.shape)}")
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if logits.size(-1) < 2:
+        raise ValueError(f"need at least 2 classes, got {logits.size(-1)}")
+    if not 0.0 <= epsilon < 1.0:
+        raise EncouragingLossOptionError(f"--label-smoothing {epsilon!r} is out of range: allowed 0 <= eps < 1")
+
+
+def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None, reduce=True,
+                     impl="auto", with_stats=False):
+    """(loss, nll_loss[, stats]) from logits (..., V) and target (...); sums when reduce.
+
+    stats: per-token (N, 2) float32 [z_y, margin z_y - max_{j != y} z_j], zeros at padding.
+    """
+    _check_inputs(logits, target, epsilon)
+    impl = resolve_impl(impl)
+    logits = logits.reshape(-1, logits.size(-1))
+    target = target.reshape(-1)
+    if impl == "chunked":
+        loss, nll, stats = chunked_encouraging_loss(logits, target, epsilon, spec, ignore_index)
+        if reduce:
+            loss, nll = loss.sum(), nll.sum()
+    else:
+        lprobs = F.log_softmax(logits.float(), dim=-1)
+        loss, nll = encouraging_nll_loss(lprobs, target, epsilon, spec, ignore_index, reduce)
+        stats = token_stats_from_logits(logits.detach(), target, ignore_index) if with_stats else None
+    return (loss, nll, stats) if with_stats else (loss, nll)
