@@ -20,6 +20,11 @@ from .bonus import BonusSpec, bonus_grad, bonus_value
 CHUNK_ELEMENTS = 1 << 18
 
 
+def compute_dtype(dtype):
+    """float32 for 16-bit inputs (and float32); float64 stays float64 (tests, gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def chunk_rows(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
 
@@ -28,10 +33,24 @@ def _chunk_forward(z, y, epsilon, spec: BonusSpec):
     """Loss, nll, stats and gradient for one chunk of non-padding rows. z: (n, V) float32."""
     n, vocab = z.shape
     idx = y.unsqueeze(-1)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    lp = z - lse
-    p = lp.exp()
-    lp_y = lp.gather(-1, idx).squeeze(-1)
+    # One top-2 pass gives the max (softmax shift) and the runner-up (the margin diagnostic).
+    top2 = z.topk(2, dim=-1).values
+    m = top2[:, :1]
+    z_y = z.gather(-1, idx)
+    e = (z - m).exp_()
+    e_y = e.gather(-1, idx)
+    # 1 - p_y = (sum_{j != y} e_j) / S, summed without e_y: exact even when p_y -> 1, where
+    # 1 - exp(z_y - logsumexp z) would keep only float32's absolute precision of the logits.
+    e.scatter_(-1, idx, 0.0)
+    rest = e.sum(-1, keepdim=True)
+    e.scatter_(-1, idx, e_y)
+    total = rest + e_y
+    log_total = total.log()
+    lp = z - (m + log_total)
+    p = e.div_(total)
+    lp_y = (z_y - m - log_total).squeeze(-1)
+    p_y = (e_y / total).squeeze(-1)
+    omp_y = (rest / total).squeeze(-1)
     nll = -lp_y
     eps_i = epsilon / (vocab - 1)
     loss = (1.0 - epsilon - eps_i) * nll - eps_i * lp.sum(-1)
@@ -39,31 +58,41 @@ def _chunk_forward(z, y, epsilon, spec: BonusSpec):
     # Gradient of the CE part: p - a.  Built in place in the buffer `p` is about to leave.
     grad = p.clone() if spec.active else p
     if spec.active:
-        one_minus_p = torch.expm1(lp).neg_()
-        p_y = lp_y.exp()
-        omp_y = one_minus_p.gather(-1, idx).squeeze(-1)
         b_y = bonus_value(p_y, omp_y, spec)
         db_y = bonus_grad(p_y, omp_y, spec)
         w_y = spec.rho * (1.0 - spec.epsilon)
         w_all = spec.rho * spec.epsilon / vocab
         if spec.epsilon > 0.0:
+            one_minus_p = torch.expm1(lp).neg_()
             b_sum = bonus_value(p, one_minus_p, spec).sum(-1)
             loss = loss + w_y * b_y + w_all * b_sum
             c = bonus_grad(p, one_minus_p, spec).mul_(w_all)
         else:
             loss = loss + w_y * b_y
-            c = torch.zeros_like(p)
-        c.scatter_add_(-1, idx, (w_y * db_y).unsqueeze(-1))
-        s = (c * p).sum(-1, keepdim=True)
-        grad.add_(c.sub_(s).mul_(p))
+            c = None
+        # With d = w_y * b'(p_y) the target term, s = sum_j c_j p_j + d p_y and
+        #   k != y:  p_k (c_k - s)                      (no cancellation)
+        #   k == y:  p_y (c_y - sum_j c_j p_j + d (1 - p_y))
+        # The second form matters: for p_y -> 1, d ~ -1/(1 - p_y) is huge and c_y + d - s
+        # would cancel catastrophically in float32.
+        d = w_y * db_y
+        if c is None:  # no bonus smoothing: c is zero but for d
+            grad.addcmul_(p, (-d * p_y).unsqueeze(-1))
+            bonus_y = p_y * d * omp_y
+        else:
+            s_hat = (c * p).sum(-1)
+            c_y = c.gather(-1, idx).squeeze(-1)
+            grad.add_(c.sub_((s_hat + d * p_y).unsqueeze(-1)).mul_(p))
+            bonus_y = p_y * (c_y - s_hat + d * omp_y)
+    else:
+        bonus_y = torch.zeros_like(lp_y)
+    # CE part at y: p_y - (1 - eps) = eps - (1 - p_y), again from the exact 1 - p_y.
     grad.sub_(eps_i)
-    grad.scatter_add_(-1, idx, torch.full_like(lp_y, -(1.0 - epsilon - eps_i)).unsqueeze(-1))
+    grad.scatter_(-1, idx, (epsilon - omp_y + bonus_y).unsqueeze(-1))
 
-    # Diagnostics (issue 6) from this chunk: z_y and the margin z_y - max_{j != y} z_j.
-    z_y = z.gather(-1, idx).squeeze(-1)
-    top2 = z.topk(2, dim=-1).values if vocab > 1 else torch.cat([z, z], -1)
-    top_is_y = top2[:, 0] <= z_y  # ties count as "not well separated": margin 0
-    other = torch.where(top_is_y, top2[:, 1], top2[:, 0])
+    # Diagnostics (issue 6): z_y and the margin z_y - max_{j != y} z_j (ties: margin 0).
+    z_y = z_y.squeeze(-1)
+    other = torch.where(top2[:, 0] <= z_y, top2[:, 1], top2[:, 0])
     stats = torch.stack([z_y, z_y - other], dim=-1)
     return loss, nll, stats, grad
 
@@ -74,13 +103,14 @@ class ChunkedEncouragingLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, epsilon, spec, ignore_index):
         n_rows, vocab = logits.shape
-        loss = logits.new_zeros(n_rows, dtype=torch.float32)
+        loss = logits.new_zeros(n_rows, dtype=compute_dtype(logits.dtype))
         nll = torch.zeros_like(loss)
-        stats = logits.new_zeros(n_rows, 2, dtype=torch.float32)
+        stats = logits.new_zeros(n_rows, 2, dtype=loss.dtype)
         # Written row by row below; padding rows stay zero.
         grad = torch.zeros_like(logits) if ignore_index is not None else torch.empty_like(logits)
         keep = target.ne(ignore_index) if ignore_index is not None else None
         step = chunk_rows(vocab)
+        work = compute_dtype(logits.dtype)
         for start in range(0, n_rows, step):
             rows = slice(start, min(start + step, n_rows))
             z, y = logits[rows], target[rows]
@@ -90,11 +120,11 @@ class ChunkedEncouragingLoss(torch.autograd.Function):
                     continue
                 if not bool(k.all()):
                     sel = k.nonzero().squeeze(-1)
-                    out = _chunk_forward(z[sel].float(), y[sel], epsilon, spec)
+                    out = _chunk_forward(z[sel].to(work), y[sel], epsilon, spec)
                     for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
                         dst.index_copy_(0, sel, src.to(dst.dtype))
                     continue
-            out = _chunk_forward(z.float(), y, epsilon, spec)
+            out = _chunk_forward(z.to(work), y, epsilon, spec)
             for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
                 dst.copy_(src)
         ctx.save_for_backward(grad)

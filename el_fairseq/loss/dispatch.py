@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .bonus import BonusSpec, EncouragingLossOptionError
-from .chunked import chunked_encouraging_loss
+from .chunked import chunked_encouraging_loss, compute_dtype
 from .diagnostics import token_stats_from_logits
 from .reference import encouraging_nll_loss
 
@@ -51,7 +51,7 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
         if reduce:
             loss, nll = loss.sum(), nll.sum()
     else:
-        lprobs = F.log_softmax(logits.float(), dim=-1)
+        lprobs = F.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
         loss, nll = encouraging_nll_loss(lprobs, target, epsilon, spec, ignore_index, reduce)
         stats = token_stats_from_logits(logits.detach(), target, ignore_index) if with_stats else None
     return (loss, nll, stats) if with_stats else (loss, nll)

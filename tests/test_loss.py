@@ -1,0 +1,214 @@
+"""Loss and gradient of every implementation against the independent float64 reference."""
+import itertools
+
+import pytest
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from el_fairseq.loss.bonus import BonusSpec
+from el_fairseq.loss.dispatch import encouraging_loss
+from reference64 import el_loss64
+
+IMPLS = ["reference", "chunked"]
+PAD = 1
+
+
+def make_batch(rows, vocab, scale, seed, pad_rows=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * scale).to(dtype)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[target == PAD] = 0
+    if pad_rows:
+        target[-pad_rows:] = PAD
+    # Make a few rows confidently right, so p_y > LE and p_y ~ 1 (the tangent and the clamp) occur.
+    boost = torch.arange(0, rows, 3)
+    logits[boost, target[boost]] += float(scale) * 3
+    return logits, target
+
+
+def run_impl(impl, logits, target, eps, spec, pad=PAD):
+    z = logits.detach().clone().requires_grad_(True)
+    loss, nll = encouraging_loss(z, target, eps, spec, ignore_index=pad, impl=impl)
+    loss.backward()
+    return loss.detach(), nll.detach(), z.grad
+
+
+def run_ref64(logits, target, eps, spec, pad=PAD):
+    z = logits.detach().double().clone().requires_grad_(True)
+    loss, nll = el_loss64(z, target, eps, spec.epsilon, spec.rho, pad, spec.kind, spec.log_end, spec.gamma, spec.start)
+    loss.backward()
+    return loss.detach(), nll.detach(), z.grad
+
+
+def assert_matches(got, want, rtol):
+    loss, nll, grad = got
+    loss64, nll64, grad64 = want
+    assert torch.allclose(loss.double(), loss64, rtol=rtol, atol=rtol), (float(loss), float(loss64))
+    assert torch.allclose(nll.double(), nll64, rtol=rtol, atol=rtol)
+    # Gradient: per-element, relative to the largest entry (some entries are ~1e-18).
+    scale = grad64.abs().max().clamp(min=1.0)
+    err = (grad.double() - grad64).abs().max() / scale
+    assert err < 10 * rtol, f"max gradient error {float(err):.3g} (scale {float(scale):.3g})"
+
+
+CASES = list(itertools.product(
+    [0.5, 0.75, 1.0],          # LE
+    [0.0, 0.1, 0.3],           # label smoothing eps
+    [0.0, 0.1],                # bonus smoothing eps_b
+    [1.0, 0.5],                # rho
+    [1.0, 10.0, 40.0],         # logit scale
+))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("log_end,eps,eps_b,rho,scale", CASES)
+def test_log_bonus_matches_float64(impl, log_end, eps, eps_b, rho, scale):
+    logits, target = make_batch(23, 41, scale, seed=int(scale * 7 + log_end * 100), pad_rows=4)
+    spec = BonusSpec("log", log_end=log_end, epsilon=eps_b, rho=rho)
+    assert_matches(run_impl(impl, logits, target, eps, spec), run_ref64(logits, target, eps, spec), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("spec", [
+    BonusSpec("power", gamma=1.0, epsilon=0.1),
+    BonusSpec("power", gamma=2.5, epsilon=0.0, rho=0.7),
+    BonusSpec("cosine", epsilon=0.1),
+    BonusSpec("log", log_end=0.75, start=0.3, epsilon=0.1),
+    BonusSpec("power", gamma=2.0, start=0.2, epsilon=0.2),
+], ids=lambda s: f"{s.kind}-g{s.gamma}-s{s.start}-e{s.epsilon}")
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_other_bonuses_match_float64(impl, spec, scale):
+    logits, target = make_batch(19, 33, scale, seed=3, pad_rows=2)
+    assert_matches(run_impl(impl, logits, target, 0.1, spec), run_ref64(logits, target, 0.1, spec), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rows,vocab", [(1, 2), (7, 3), (300, 1000), (513, 517)])
+def test_odd_shapes_and_chunk_boundaries(impl, rows, vocab):
+    logits, target = make_batch(rows, vocab, 5.0, seed=rows, pad_rows=rows // 5)
+    spec = BonusSpec(epsilon=0.1)
+    got = run_impl(impl, logits, target, 0.1, spec)
+    if rows <= 300:
+        assert_matches(got, run_ref64(logits, target, 0.1, spec), rtol=1e-5)
+    else:  # a vectorised float64 pass of the reference implementation
+        want = run_impl("reference", logits.double(), target, 0.1, spec)
+        assert_matches(got, tuple(t.double() for t in want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.25])
+def test_bonus_off_equals_fairseq_label_smoothed_ce(impl, eps):
+    logits, target = make_batch(29, 50, 4.0, seed=11, pad_rows=5)
+    z = logits.clone().requires_grad_(True)
+    ls_loss, ls_nll = label_smoothed_nll_loss(torch.log_softmax(z, -1), target, eps, ignore_index=PAD)
+    ls_loss.backward()
+    loss, nll, grad = run_impl(impl, logits, target, eps, BonusSpec(rho=0.0))
+    assert torch.allclose(loss, ls_loss.detach(), rtol=1e-6, atol=1e-9)
+    assert torch.allclose(nll, ls_nll.detach(), rtol=1e-6, atol=1e-9)
+    assert torch.allclose(grad, z.grad, rtol=1e-5, atol=1e-7)
+
+
+GRAD_SPECS = [BonusSpec(), BonusSpec(log_end=1.0, epsilon=0.0), BonusSpec("cosine", epsilon=0.1),
+              BonusSpec("power", gamma=1.5, start=0.1, epsilon=0.2)]
+
+
+@pytest.mark.parametrize("spec", GRAD_SPECS)
+def test_gradcheck_float64_reference(spec):
+    logits, target = make_batch(6, 7, 1.5, seed=5, pad_rows=1)
+    z = logits.double().requires_grad_(True)
+
+    def fn(x):
+        return encouraging_loss(x, target, 0.1, spec, ignore_index=PAD, impl="reference")[0]
+
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", GRAD_SPECS)
+def test_chunked_gradient_equals_finite_differences_float64(spec):
+    """The fused backward scales its one gradient buffer in place, so it supports a single
+    backward per graph (gradcheck needs several): check the closed form against central
+    differences of its own float64 forward instead."""
+    logits, target = make_batch(6, 7, 1.5, seed=5, pad_rows=1)
+    z = logits.double()
+    _, _, grad = run_impl("chunked", z, target, 0.1, spec)
+    h = 1e-6
+    numeric = torch.zeros_like(z)
+    for i in range(z.size(0)):
+        for j in range(z.size(1)):
+            up, down = z.clone(), z.clone()
+            up[i, j] += h
+            down[i, j] -= h
+            f = lambda x: encouraging_loss(x, target, 0.1, spec, ignore_index=PAD, impl="chunked")[0]
+            numeric[i, j] = (f(up) - f(down)) / (2 * h)
+    assert torch.allclose(grad, numeric, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_refuses_a_second_backward():
+    logits, target = make_batch(4, 5, 1.0, seed=1)
+    z = logits.requires_grad_(True)
+    loss, _ = encouraging_loss(z, target, 0.1, BonusSpec(), impl="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padding_changes_nothing(impl):
+    logits, target = make_batch(20, 30, 3.0, seed=9)
+    spec = BonusSpec(epsilon=0.1)
+    base = run_impl(impl, logits, target, 0.1, spec)
+    extra = torch.randn(5, 30, dtype=torch.float32) * 50
+    padded = run_impl(impl, torch.cat([logits, extra]), torch.cat([target, torch.full((5,), PAD)]), 0.1, spec)
+    assert torch.allclose(base[0], padded[0]) and torch.allclose(base[1], padded[1])
+    assert torch.equal(padded[2][20:], torch.zeros(5, 30))
+    assert torch.allclose(base[2], padded[2][:20])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reduced_equals_sum_of_unreduced(impl):
+    logits, target = make_batch(40, 25, 3.0, seed=13, pad_rows=6)
+    spec = BonusSpec(epsilon=0.1)
+    loss, nll = encouraging_loss(logits, target, 0.1, spec, ignore_index=PAD, impl=impl)
+    loss_t, nll_t = encouraging_loss(logits, target, 0.1, spec, ignore_index=PAD, reduce=False, impl=impl)
+    assert loss_t.shape == (40,) and torch.all(loss_t[-6:] == 0)
+    assert torch.allclose(loss, loss_t.sum()) and torch.allclose(nll, nll_t.sum())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unreduced_gradient_weights_tokens(impl):
+    logits, target = make_batch(12, 9, 2.0, seed=17)
+    weights = torch.rand(12)
+    spec = BonusSpec(epsilon=0.1)
+    z = logits.clone().requires_grad_(True)
+    (encouraging_loss(z, target, 0.1, spec, reduce=False, impl=impl)[0] * weights).sum().backward()
+    z64 = logits.double().clone().requires_grad_(True)
+    (encouraging_loss(z64, target, 0.1, spec, reduce=False, impl="reference")[0] * weights.double()).sum().backward()
+    assert torch.allclose(z.grad.double(), z64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("log_end", [0.5, 1.0])
+def test_half_precision_is_float32_inside_and_finite(impl, dtype, log_end):
+    logits, target = make_batch(16, 40, 8.0, seed=21, pad_rows=2, dtype=dtype)
+    logits[0, :] = -1e4
+    logits[0, target[0]] = 1e4          # p_y == 1 exactly in any precision
+    logits[1, target[1]] = 1e4
+    logits[2, :] = 1e4                   # all equal: p = 1/V
+    logits[3, target[3]] = -1e4          # p_y == 0
+    spec = BonusSpec(log_end=log_end, epsilon=0.1)
+    loss, nll, grad = run_impl(impl, logits, target, 0.1, spec)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(nll)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    want = run_ref64(logits.double(), target, 0.1, spec)
+    assert torch.allclose(loss.double(), want[0], rtol=1e-4)
+    assert (grad.double() - want[2]).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stats_are_energy_and_margin(impl):
+    logits = torch.tensor([[2.0, 5.0, 1.0], [4.0, 4.0, 0.0], [0.0, 1.0, 3.0]])
+    target = torch.tensor([1, 0, 1])
+    _, _, stats = encouraging_loss(logits, target, 0.1, BonusSpec(), impl=impl, with_stats=True)
+    # z_y = 5, 4, 1; margins: 5 - 2 = 3, 4 - 4 = 0 (tie), 1 - 3 = -2
+    assert torch.allclose(stats, torch.tensor([[5.0, 3.0], [4.0, 0.0], [1.0, -2.0]]))
