@@ -122,8 +122,9 @@ def bonus_grad(p, one_minus_p, spec: BonusSpec):
     return grad
 
 
-def scheduled_rho(rho: float, schedule: str, epoch: int, horizon: int, exp_ratio: float = 5.0) -> float:
-    """rho * f(t / T) with t the current epoch and T the horizon (the authors' el_schedule).
+def scheduled_rho(rho: float, schedule: str, step: int, horizon: int, exp_ratio: float = 5.0) -> float:
+    """rho * f(t / T) with t the number of updates and T the horizon (the authors' el_schedule counts epochs:
+    T_updates = epochs x updates per epoch).
 
     linear: t/T;  exp: exp((t/T - 1) * r) (r > 0) or 1 - exp(t/T * r) (r < 0);  cos: (cos(pi (1 + t/T)) + 1) / 2.
     t/T is capped at 1, so after the horizon the full rho applies.
@@ -133,8 +134,8 @@ def scheduled_rho(rho: float, schedule: str, epoch: int, horizon: int, exp_ratio
     if schedule not in SCHEDULES:
         _refuse("--bonus-schedule", schedule, "one of " + ", ".join(SCHEDULES))
     if horizon <= 0:
-        _refuse("--bonus-schedule-epochs", horizon, "a positive number of epochs with --bonus-schedule " + schedule)
-    frac = min(float(epoch) / float(horizon), 1.0)
+        _refuse("--bonus-schedule-updates", horizon, "a positive number of updates with --bonus-schedule " + schedule)
+    frac = min(float(step) / float(horizon), 1.0)
     if schedule == "linear":
         factor = frac
     elif schedule == "exp":
