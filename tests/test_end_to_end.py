@@ -1,0 +1,115 @@
+"""fairseq's own command line with --user-dir el_fairseq, on a small generated corpus (CPU):
+preprocess, train with each criterion name (the loss goes down), resume from checkpoint_last.pt,
+generate (BLEU printed), average checkpoints, hydra config, and the one-line option error."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from el_fairseq.cli import user_dir
+from el_fairseq.synthetic import write_corpus
+
+BIN = os.path.dirname(sys.executable)
+TINY_ARCH = ["--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
+             "--encoder-embed-dim", "64", "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128",
+             "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+
+
+def run(tool, *args, cwd=None, check=True):
+    proc = subprocess.run([os.path.join(BIN, tool), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    write_corpus(str(root / "raw"), sizes=(("train", 1500), ("valid", 100), ("test", 100)))
+    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", str(root / "raw/train"), "--validpref", str(root / "raw/valid"),
+        "--testpref", str(root / "raw/test"), "--destdir", str(root / "bin"), "--workers", "1")
+    return root
+
+
+def train(data, save_dir, criterion, max_update, *extra):
+    proc = run("fairseq-train", str(data / "bin"), "--user-dir", user_dir(), *TINY_ARCH,
+               "--criterion", criterion, "--label-smoothing", "0.1", "--optimizer", "adam",
+               "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
+               "--max-tokens", "1500", "--max-update", str(max_update), "--save-dir", str(save_dir),
+               "--log-format", "json", "--log-interval", "5", "--cpu", "--seed", "1", *extra)
+    inner = [json.loads(line.split("train_inner | ", 1)[1]) for line in (proc.stdout + proc.stderr).splitlines()
+             if "train_inner | " in line]
+    return proc, inner
+
+
+@pytest.mark.parametrize("criterion", ["encouraging_loss", "encouraging_label_smoothed_cross_entropy"])
+def test_train_resume_generate_average(data_bin, tmp_path, criterion):
+    save = tmp_path / "ckpt"
+    _, inner = train(data_bin, save, criterion, 30)
+    losses = [float(r["loss"]) for r in inner]
+    assert len(losses) >= 4 and losses[-1] < losses[0] - 0.3, losses
+    assert all("margin" in r and "energy" in r for r in inner)
+    assert (save / "checkpoint_last.pt").exists()
+
+    proc, inner = train(data_bin, save, criterion, 45)
+    log = proc.stdout + proc.stderr
+    assert "Loaded checkpoint" in log and "@ 30 updates" in log
+    assert int(inner[-1]["num_updates"]) == 45 and float(inner[-1]["loss"]) < losses[0]
+
+    out = run("fairseq-generate", str(data_bin / "bin"), "--user-dir", user_dir(), "--path",
+              str(save / "checkpoint_last.pt"), "--beam", "5", "--max-tokens", "4000", "--cpu").stdout
+    hyps = sum(line.startswith("H-") for line in out.splitlines())
+    assert "BLEU4 = " in out and hyps >= 90
+
+    avg = tmp_path / "avg.pt"
+    msg = run("el-fairseq-average-checkpoints", "--inputs", str(save), "--num-epoch-checkpoints", "2",
+              "--output", str(avg)).stdout
+    assert "averaged 2 checkpoints" in msg and avg.exists()
+    out = run("el-fairseq-generate", str(data_bin / "bin"), "--path", str(avg), "--beam", "5", "--cpu").stdout
+    assert "BLEU4 = " in out
+
+
+def test_generate_without_plugin_hits_the_torch_weights_only_failure(data_bin, tmp_path):
+    """Documents why the plugin patches checkpoint loading (torch >= 2.6)."""
+    import torch
+
+    save = tmp_path / "ckpt"
+    train(data_bin, save, "encouraging_loss", 5)
+    proc = run("fairseq-generate", str(data_bin / "bin"), "--path", str(save / "checkpoint_last.pt"),
+               "--cpu", check=False)
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):
+        assert proc.returncode != 0 and "weights_only" in proc.stderr
+
+
+def test_option_out_of_range_is_one_line(data_bin, tmp_path):
+    proc = run("fairseq-train", str(data_bin / "bin"), "--user-dir", user_dir(), *TINY_ARCH,
+               "--criterion", "encouraging_loss", "--log-end", "1.5", "--max-tokens", "1000",
+               "--save-dir", str(tmp_path / "x"), "--cpu", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "fairseq-train: error: --log-end 1.5 is out of range: allowed 0 < LE <= 1"
+    assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
+
+
+def test_hydra_config(data_bin, tmp_path):
+    config = tmp_path / "el.yaml"
+    config.write_text(f"""# @package _group_
+common: {{user_dir: {user_dir()}, cpu: true, log_format: json, log_interval: 5}}
+task: {{_name: translation, data: {data_bin / 'bin'}}}
+model: {{_name: transformer, encoder_layers: 1, decoder_layers: 1, encoder_embed_dim: 32, decoder_embed_dim: 32,
+        encoder_ffn_embed_dim: 64, decoder_ffn_embed_dim: 64, encoder_attention_heads: 2, decoder_attention_heads: 2}}
+criterion: {{_name: encouraging_loss, label_smoothing: 0.1, log_end: 0.75}}
+optimizer: {{_name: adam}}
+lr_scheduler: {{_name: inverse_sqrt, warmup_updates: 5}}
+optimization: {{lr: [0.003], max_update: 10}}
+dataset: {{max_tokens: 1500}}
+checkpoint: {{save_dir: {tmp_path / 'ckpt'}}}
+""")
+    proc = run("fairseq-hydra-train", "--config-dir", str(tmp_path), "--config-name", "el", cwd=str(tmp_path))
+    log = proc.stdout + proc.stderr
+    assert "criterion: EncouragingLossCriterion" in log and "'log_end': 0.75" in log
+    assert (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
