@@ -1,0 +1,158 @@
+"""Time and peak memory of forward+backward through fairseq's criterion interface:
+fairseq's label_smoothed_cross_entropy vs the encouraging loss (reference and fused paths).
+
+    python -m benchmarks.loss_benchmark [--tokens 4096] [--vocabs 10000 32000] [--threads 1]
+                                        [--repeats 7] [--device cpu|cuda] [--json OUT]
+
+Each (implementation, vocabulary) runs in a fresh process, so peak memory is that run's alone.
+CPU peak = the process's RSS high-water mark minus its RSS once the inputs exist (large tensors
+are mmap'ed and returned to the OS when freed, so RSS follows the allocator); CUDA peak =
+torch.cuda.max_memory_allocated minus the allocation before the step. Both count logits.grad,
+which every criterion produces.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ("ls_ce", "el_reference", "el_chunked")
+LABELS = {"ls_ce": "fairseq LS-CE", "el_reference": "EL reference", "el_chunked": "EL fused (chunked)"}
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(impl, tokens, vocab, repeats, device, threads):
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from fairseq_fixtures import PAD, build
+
+    torch.set_num_threads(threads)
+    name = "label_smoothed_cross_entropy" if impl == "ls_ce" else "encouraging_loss"
+    kwargs = {"label_smoothing": 0.1}
+    if impl != "ls_ce":
+        kwargs["el_impl"] = impl.split("_", 1)[1]
+    criterion = build(name, vocab=vocab, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(1, tokens, vocab, generator=g) * 4).to(device).requires_grad_(True)
+    target = torch.randint(4, vocab, (1, tokens), generator=g).to(device)
+    target[0, -tokens // 20:] = PAD  # 5% padding, as in real batches
+
+    class Model(torch.nn.Module):  # hands the fixed logits to the criterion
+        decoder = type("D", (), {"adaptive_softmax": None})()
+
+        def forward(self, src_tokens):
+            return logits, None
+
+        def get_targets(self, sample, net_output):
+            return sample["target"]
+
+        def get_normalized_probs(self, net_output, log_probs):
+            return torch.log_softmax(net_output[0].float(), -1)
+
+    model = Model()
+    sample = {"net_input": {"src_tokens": target}, "target": target, "ntokens": int(target.ne(PAD).sum())}
+
+    def step():
+        logits.grad = None
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"impl": impl, "vocab": vocab, "tokens": tokens, "device": device,
+            "median_s": statistics.median(times), "peak_extra_bytes": max(peak, 0)}
+
+
+def describe_machine(device, threads):
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores ({threads} thread(s) used), torch {torch.__version__}"
+    if device == "cuda":
+        desc += f", GPU {torch.cuda.get_device_name()}"
+    return desc
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[10000, 32000])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="all = CPU, and CUDA when present")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "VOCAB"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        device = "cpu" if args.device == "all" else args.device
+        print(json.dumps(worker(args.worker[0], args.tokens, int(args.worker[1]), args.repeats, device, args.threads)))
+        return
+
+    import torch
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    rows = []
+    for device in devices:
+        print(f"\n{device.upper()}: {describe_machine(device, args.threads)}")
+        print(f"forward+backward through the criterion, {args.tokens} target tokens, float32 logits, "
+              f"label smoothing 0.1, EL defaults (log bonus, LE 0.5, eps_b 0.1); median of {args.repeats}")
+        print(f"{'vocab':>7} {'implementation':<20} {'time ms':>9} {'x LS-CE':>8} {'peak MiB':>9} {'x LS-CE':>8}")
+        for vocab in args.vocabs:
+            base = None
+            for impl in IMPLS:
+                cmd = [sys.executable, "-m", "benchmarks.loss_benchmark", "--worker", impl, str(vocab),
+                       "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
+                       "--device", device]
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                     cwd=os.path.join(os.path.dirname(__file__), ".."))
+                if out.returncode != 0:
+                    raise SystemExit(f"benchmark worker {impl} V={vocab} failed:\n{out.stderr[-2000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                base = base or row
+                row["time_ratio"] = row["median_s"] / base["median_s"]
+                row["memory_ratio"] = row["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
+                rows.append(row)
+                print(f"{vocab:>7} {LABELS[impl]:<20} {row['median_s'] * 1e3:>9.1f} {row['time_ratio']:>8.2f} "
+                      f"{row['peak_extra_bytes'] / 2**20:>9.1f} {row['memory_ratio']:>8.2f}", flush=True)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"machine": {d: describe_machine(d, args.threads) for d in devices}, "rows": rows}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()
