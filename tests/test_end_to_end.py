@@ -12,6 +12,7 @@ from el_fairseq.cli import user_dir
 from el_fairseq.synthetic import write_corpus
 
 BIN = os.path.dirname(sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARCH = ["--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
              "--encoder-embed-dim", "64", "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128",
              "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
@@ -71,6 +72,18 @@ def test_train_resume_generate_average(data_bin, tmp_path, criterion):
     assert "averaged 2 checkpoints" in msg and avg.exists()
     out = run("el-fairseq-generate", str(data_bin / "bin"), "--path", str(avg), "--beam", "5", "--cpu").stdout
     assert "BLEU4 = " in out
+
+    analysis = tmp_path / "margins"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "analyze_margins.py"), "--path",
+                          f"{save / 'checkpoint1.pt'}:early,{avg}:avg", "--data", str(data_bin / "bin"),
+                          "--out", str(analysis), "--cpu"], capture_output=True, text=True, check=True).stdout
+    result = json.loads((analysis / "margins.json").read_text())
+    assert set(result["checkpoints"]) == {"early", "avg"} and "early:" in out
+    for stats in result["checkpoints"].values():
+        assert stats["tokens"] > 500 and stats["margin"]["q05"] <= stats["margin"]["q50"] <= stats["margin"]["q95"]
+        assert 0 < stats["p_y"]["mean"] < 1
+    for png in ("margin_hist.png", "energy_hist.png", "p_y_hist.png"):
+        assert (analysis / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_generate_without_plugin_hits_the_torch_weights_only_failure(data_bin, tmp_path):
