@@ -64,7 +64,7 @@ def test_train_resume_generate_average(data_bin, tmp_path, criterion):
     out = run("fairseq-generate", str(data_bin / "bin"), "--user-dir", user_dir(), "--path",
               str(save / "checkpoint_last.pt"), "--beam", "5", "--max-tokens", "4000", "--cpu").stdout
     hyps = sum(line.startswith("H-") for line in out.splitlines())
-    assert "BLEU4 = " in out and hyps >= 90
+    assert "BLEU4 = " in out and hyps == 100  # all of them: see compat.patch_fairseq_batching
 
     avg = tmp_path / "avg.pt"
     msg = run("el-fairseq-average-checkpoints", "--inputs", str(save), "--num-epoch-checkpoints", "2",
