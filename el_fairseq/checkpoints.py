@@ -49,3 +49,9 @@ def save_atomically(state, output):
     tmp = output + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, output)
+
+
+if __name__ == "__main__":
+    from .cli import average_checkpoints as _cli
+
+    _cli()

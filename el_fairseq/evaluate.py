@@ -1,0 +1,139 @@
+"""Evaluate a checkpoint: fairseq-generate (beam 5), then
+(a) fairseq's tokenized BLEU, the figure the paper reports (generate's "BLEU4 = ..."), and
+(b) sacreBLEU on detokenized hypotheses against the detokenized references, with its signature.
+
+    python -m el_fairseq.evaluate CHECKPOINT DATA_BIN [--subset test] [--remove-bpe '@@ '|sentencepiece]
+                                  [--detok moses|space] [--out DIR] [--cpu]
+
+Writes OUT/{generate.txt, hyp.detok.txt, ref.detok.txt, result.json} (each via a temporary name).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+from .cli import user_dir
+
+BLEU_LINE = re.compile(r"BLEU4? = ([0-9.]+)")
+
+
+def fairseq_tool(name):
+    """The console script next to this Python (the venv's), else `python -m fairseq_cli.X`."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.exists(path):
+        return [path]
+    return [sys.executable, "-m", "fairseq_cli." + name.split("-", 1)[1]]
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def parse_generate(output):
+    """({id: hypothesis}, {id: reference}, tokenized BLEU) from fairseq-generate's stdout."""
+    hyps, refs, bleu = {}, {}, None
+    for line in output.splitlines():
+        if line.startswith("H-"):
+            key, _, text = line.split("\t", 2) if line.count("\t") >= 2 else (line.split("\t")[0], "", "")
+            hyps[int(key[2:])] = text
+        elif line.startswith("T-"):
+            key, _, text = line.partition("\t")
+            refs[int(key[2:])] = text
+        elif "Generate" in line and "BLEU" in line:
+            match = BLEU_LINE.search(line)
+            bleu = float(match.group(1)) if match else None
+    return hyps, refs, bleu
+
+
+def detokenizer(kind, lang):
+    if kind == "moses":
+        from sacremoses import MosesDetokenizer
+
+        md = MosesDetokenizer(lang=lang)
+        return lambda text: md.detokenize(text.split())
+    return lambda text: " ".join(text.split())
+
+
+def target_lang(data_bin):
+    """The target language from data-bin's dict.{lang}.txt files and train.{src}-{tgt}.* names."""
+    for name in sorted(os.listdir(data_bin)):
+        match = re.match(r"(?:train|valid|test)\.([^.-]+)-([^.]+)\.\2\.idx$", name)
+        if match:
+            return match.group(2)
+    raise ValueError(f"{data_bin}: no binarised fairseq data found")
+
+
+def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses", out_dir=None,
+             cpu=False, beam=5, max_tokens=8000, extra=()):
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if not os.path.isdir(data_bin):
+        raise FileNotFoundError(f"data-bin folder not found: {data_bin}")
+    lang = target_lang(data_bin)
+    cmd = fairseq_tool("fairseq-generate") + [
+        data_bin, "--user-dir", user_dir(), "--path", checkpoint, "--gen-subset", subset,
+        "--beam", str(beam), "--max-tokens", str(max_tokens), *extra]
+    if remove_bpe:
+        cmd += ["--remove-bpe", remove_bpe]
+    if cpu:
+        cmd += ["--cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fairseq-generate failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    hyps, refs, tok_bleu = parse_generate(proc.stdout)
+    if not hyps or tok_bleu is None:
+        raise RuntimeError("fairseq-generate printed no hypotheses or no BLEU line")
+    ids = sorted(refs)
+    detok_fn = detokenizer(detok, lang)
+    hyp_detok = [detok_fn(hyps.get(i, "")) for i in ids]
+    ref_detok = [detok_fn(refs[i]) for i in ids]
+
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    score = bleu.corpus_score(hyp_detok, [ref_detok])
+    result = {
+        "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data_bin), "subset": subset,
+        "sentences": len(ids), "beam": beam, "remove_bpe": remove_bpe, "detok": detok,
+        "tokenized_bleu": tok_bleu,
+        "sacrebleu": {"score": round(score.score, 2), "signature": str(bleu.get_signature()),
+                      "text": str(score)},
+    }
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(os.path.join(out_dir, "generate.txt"), proc.stdout)
+        write_atomic(os.path.join(out_dir, "hyp.detok.txt"), "".join(h + "\n" for h in hyp_detok))
+        write_atomic(os.path.join(out_dir, "ref.detok.txt"), "".join(r + "\n" for r in ref_detok))
+        write_atomic(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("data_bin")
+    parser.add_argument("--subset", default="test")
+    parser.add_argument("--remove-bpe", default="@@ ", help="'@@ ' (subword-nmt), sentencepiece, or '' for none")
+    parser.add_argument("--detok", choices=["moses", "space"], default="moses")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--out", help="folder for hypotheses and result.json (default: next to the checkpoint)")
+    parser.add_argument("--cpu", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"eval_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_{args.subset}")
+    try:
+        result = evaluate(args.checkpoint, args.data_bin, args.subset, args.remove_bpe, args.detok, out,
+                          cpu=args.cpu, beam=args.beam)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    print(f"tokenized BLEU (fairseq, as in the paper) = {result['tokenized_bleu']:.2f}")
+    print(f"sacreBLEU = {result['sacrebleu']['score']:.2f}  {result['sacrebleu']['signature']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

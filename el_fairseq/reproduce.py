@@ -1,0 +1,105 @@
+"""CE vs EL over seeds: train, average the last epoch checkpoints, evaluate, report.
+
+    python -m el_fairseq.reproduce de-en|fr-en|multi30k [--seeds 1-5] [--data DIR] [--out DIR]
+                                   [--dry-run] [--cpu] [--precision fp16] [FAIRSEQ FLAGS...]
+
+Resumable: a run with SAVE_DIR/DONE is not trained again (an unfinished one resumes from its
+checkpoint_last.pt), an existing average or result.json is kept. --dry-run prints every command.
+Layout: OUT/{ce,el}_seed{N}/ (checkpoints, train.log, avg_last{K}.pt, eval_avg/, eval_best/),
+then OUT/RESULTS.md, OUT/results.json and OUT/*.png from el_fairseq.report.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+from .recipes import RECIPES, quote
+from .train import DONE
+
+TASKS = {
+    "de-en": ("iwslt14-de-en", "data/data-bin/iwslt14.tokenized.de-en", "moses"),
+    "fr-en": ("iwslt17-fr-en", "data/data-bin/iwslt17.fr-en", "moses"),
+    "multi30k": ("multi30k", "data/data-bin/multi30k.de-en", "moses"),
+    "demo": ("demo", "results/demo/data-bin", "space"),
+}
+LOSSES = ("ce", "el")
+
+
+def parse_seeds(text):
+    """'1-5' -> [1..5]; '1,3,7' -> [1, 3, 7]."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected a range like 1-5 or a list like 1,3,7") from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: no seed")
+    return seeds
+
+
+def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=10, extra=()):
+    """[(description, done_marker_or_None, command)] for the whole reproduction."""
+    recipe, _, detok = TASKS[task]
+    remove_bpe = RECIPES[recipe].remove_bpe
+    py = sys.executable
+    steps = []
+    for loss in LOSSES:
+        for seed in seeds:
+            run = os.path.join(out, f"{loss}_seed{seed}")
+            train = [py, "-m", "el_fairseq.train", "--recipe", recipe, "--loss", loss, "--seed", str(seed),
+                     "--data", data, "--save-dir", run, "--precision", precision, *(["--cpu"] if cpu else []), *extra]
+            steps.append((f"train {loss} seed {seed}", os.path.join(run, DONE), train))
+            avg = os.path.join(run, f"avg_last{avg_last}.pt")
+            steps.append((f"average {loss} seed {seed}", avg,
+                          [py, "-m", "el_fairseq.checkpoints", "--inputs", run, "--num-epoch-checkpoints",
+                           str(avg_last), "--output", avg]))
+            for kind, ckpt in (("avg", avg), ("best", os.path.join(run, "checkpoint_best.pt"))):
+                ev = os.path.join(run, f"eval_{kind}")
+                steps.append((f"evaluate {loss} seed {seed} {kind}", os.path.join(ev, "result.json"),
+                              [py, "-m", "el_fairseq.evaluate", ckpt, data, "--subset", "test",
+                               "--remove-bpe", remove_bpe, "--detok", detok, "--out", ev, *(["--cpu"] if cpu else [])]))
+    steps.append(("report", None, [py, "-m", "el_fairseq.report", out, "--task", task, "--data", data,
+                                   *(["--cpu"] if cpu else [])]))
+    return steps
+
+
+def execute(steps, dry_run=False):
+    for i, (what, marker, cmd) in enumerate(steps, 1):
+        if dry_run:
+            print(quote(cmd))
+            continue
+        if marker and os.path.exists(marker):
+            print(f"[{i}/{len(steps)}] {what}: done already, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(steps)}] {what}", flush=True)
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:
+            raise SystemExit(f"reproduce: step '{what}' failed with exit code {rc}: {quote(cmd)}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("--seeds", default="1-5")
+    parser.add_argument("--data", help="data-bin folder (default: where data-prep puts it)")
+    parser.add_argument("--out", help="results folder (default: results/<task>)")
+    parser.add_argument("--avg-last", type=int, default=10, help="epoch checkpoints to average (paper: 10)")
+    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--dry-run", action="store_true")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        parser.error(str(err))
+    data = args.data or TASKS[args.task][1]
+    out = args.out or os.path.join("results", args.task)
+    if not args.dry_run and not os.path.isdir(data):
+        parser.error(f"--data: no such folder {data} (prepare it with data-prep/, see README)")
+    execute(plan(args.task, seeds, data, out, args.cpu, args.precision, args.avg_last, extra), args.dry_run)
+
+
+if __name__ == "__main__":
+    main()

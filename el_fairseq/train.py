@@ -1,0 +1,93 @@
+"""Training wrapper: fairseq-train with a paper recipe, CE or EL, on all visible GPUs.
+
+    python -m el_fairseq.train --recipe iwslt14-de-en --loss el --seed 1 --data DATA_BIN --save-dir DIR
+                               [--precision fp16|bf16|fp32] [--cpu] [--dry-run] [--diagnostics] [FAIRSEQ FLAGS...]
+
+GPUs: fp16 by default; fairseq's own distributed training uses every visible GPU, and the
+update frequency is divided by the GPU count so the effective batch stays the recipe's.
+Unknown flags go to fairseq-train unchanged (and override the recipe's: argparse keeps the last).
+The log is appended to SAVE_DIR/train.log; SAVE_DIR/DONE marks a finished run. Re-running an
+unfinished run resumes from SAVE_DIR/checkpoint_last.pt (fairseq's default --restore-file).
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+from .cli import user_dir
+from .evaluate import fairseq_tool
+from .recipes import LOSS_FLAGS, RECIPES, quote, train_command
+
+DONE = "DONE"
+
+
+def visible_gpus(force_cpu=False):
+    if force_cpu:
+        return 0
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    parser.add_argument("--loss", required=True, choices=sorted(LOSS_FLAGS))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--data", required=True, help="fairseq data-bin folder")
+    parser.add_argument("--save-dir", required=True)
+    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="on GPUs")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if GPUs are visible")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="CE baseline through label_smoothed_cross_entropy_with_diagnostics (same loss, "
+                             "logs margin/energy like the EL criterion)")
+    parser.add_argument("--dry-run", action="store_true", help="print the fairseq-train command only")
+    return parser
+
+
+def command(args, extra):
+    n_gpus = visible_gpus(args.cpu)
+    return fairseq_tool("fairseq-train") + train_command(
+        args.recipe, args.loss, args.seed, args.data, args.save_dir, n_gpus, args.precision, extra,
+        user_dir=user_dir(), diagnostics=args.diagnostics)
+
+
+def run_logged(cmd, log_path):
+    """Run cmd, streaming its output to the terminal and appending it to log_path."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write("# " + quote(cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        return proc.wait()
+
+
+def train(args, extra):
+    cmd = command(args, extra)
+    if args.dry_run:
+        print(quote(cmd))
+        return 0
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"train: error: --data: no such folder {args.data}")
+    if os.path.exists(os.path.join(args.save_dir, DONE)):
+        print(f"{args.save_dir}: finished already ({DONE} present), nothing to do")
+        return 0
+    rc = run_logged(cmd, os.path.join(args.save_dir, "train.log"))
+    if rc == 0:
+        with open(os.path.join(args.save_dir, DONE), "w") as f:
+            f.write(quote(cmd) + "\n")
+    return rc
+
+
+def main(argv=None):
+    args, extra = build_parser().parse_known_args(argv)
+    sys.exit(train(args, extra))
+
+
+if __name__ == "__main__":
+    main()
