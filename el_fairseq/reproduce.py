@@ -13,8 +13,10 @@ import os
 import subprocess
 import sys
 
-from .recipes import RECIPES, quote
-from .train import DONE
+from .cli import user_dir
+from .evaluate import fairseq_tool
+from .recipes import RECIPES, quote, train_command
+from .train import DONE, visible_gpus
 
 TASKS = {
     "de-en": ("iwslt14-de-en", "data/data-bin/iwslt14.tokenized.de-en", "moses"),
@@ -50,7 +52,10 @@ def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=10, extra
             run = os.path.join(out, f"{loss}_seed{seed}")
             train = [py, "-m", "el_fairseq.train", "--recipe", recipe, "--loss", loss, "--seed", str(seed),
                      "--data", data, "--save-dir", run, "--precision", precision, *(["--cpu"] if cpu else []), *extra]
-            steps.append((f"train {loss} seed {seed}", os.path.join(run, DONE), train))
+            # --dry-run shows the fairseq-train command itself; running goes through the wrapper (log, DONE).
+            shown = fairseq_tool("fairseq-train") + train_command(
+                recipe, loss, seed, data, run, visible_gpus(cpu), precision, extra, user_dir=user_dir())
+            steps.append((f"train {loss} seed {seed}", os.path.join(run, DONE), train, shown))
             avg = os.path.join(run, f"avg_last{avg_last}.pt")
             steps.append((f"average {loss} seed {seed}", avg,
                           [py, "-m", "el_fairseq.checkpoints", "--inputs", run, "--num-epoch-checkpoints",
@@ -66,9 +71,9 @@ def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=10, extra
 
 
 def execute(steps, dry_run=False):
-    for i, (what, marker, cmd) in enumerate(steps, 1):
+    for i, (what, marker, cmd, *shown) in enumerate(steps, 1):
         if dry_run:
-            print(quote(cmd))
+            print(quote(shown[0] if shown else cmd))
             continue
         if marker and os.path.exists(marker):
             print(f"[{i}/{len(steps)}] {what}: done already, skipped", flush=True)

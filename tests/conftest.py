@@ -3,3 +3,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+BIN = os.path.dirname(sys.executable)
+
+
+def run(tool, *args, cwd=None, check=True):
+    """Run a console script of this environment (fairseq-*, el-fairseq-*)."""
+    proc = subprocess.run([os.path.join(BIN, tool), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def data_bin(tmp_path_factory):
+    """The generated toy corpus, binarised by fairseq-preprocess: ROOT/bin."""
+    from el_fairseq.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(root / "raw"), sizes=(("train", 1500), ("valid", 100), ("test", 100)))
+    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", str(root / "raw/train"), "--validpref", str(root / "raw/valid"),
+        "--testpref", str(root / "raw/test"), "--destdir", str(root / "bin"), "--workers", "1")
+    return root

@@ -7,33 +7,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run
 
 from el_fairseq.cli import user_dir
-from el_fairseq.synthetic import write_corpus
 
-BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARCH = ["--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
              "--encoder-embed-dim", "64", "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128",
              "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
-
-
-def run(tool, *args, cwd=None, check=True):
-    proc = subprocess.run([os.path.join(BIN, tool), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    write_corpus(str(root / "raw"), sizes=(("train", 1500), ("valid", 100), ("test", 100)))
-    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
-        "--trainpref", str(root / "raw/train"), "--validpref", str(root / "raw/valid"),
-        "--testpref", str(root / "raw/test"), "--destdir", str(root / "bin"), "--workers", "1")
-    return root
 
 
 def train(data, save_dir, criterion, max_update, *extra):
@@ -72,6 +53,16 @@ def test_train_resume_generate_average(data_bin, tmp_path, criterion):
     assert "averaged 2 checkpoints" in msg and avg.exists()
     out = run("el-fairseq-generate", str(data_bin / "bin"), "--path", str(avg), "--beam", "5", "--cpu").stdout
     assert "BLEU4 = " in out
+
+    ev = tmp_path / "eval"
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "evaluate.sh"), str(avg), str(data_bin / "bin"),
+                          "--remove-bpe", "", "--detok", "space", "--out", str(ev), "--cpu"],
+                         capture_output=True, text=True, check=True).stdout
+    result = json.loads((ev / "result.json").read_text())
+    assert result["sentences"] == 100 and 0 <= result["tokenized_bleu"] <= 100
+    assert result["sacrebleu"]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert "tokenized BLEU (fairseq, as in the paper) = " in out and result["sacrebleu"]["signature"] in out
+    assert len((ev / "hyp.detok.txt").read_text().splitlines()) == 100
 
     analysis = tmp_path / "margins"
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "analyze_margins.py"), "--path",
