@@ -1,0 +1,194 @@
+"""The three corpora. Each stage writes its files via temporary names and is skipped when done."""
+import gzip
+import os
+import shutil
+
+from . import archive, bpe, text
+from .binarize import fairseq_preprocess
+from .common import PrepError, Stages, check_parallel, log, read_lines, write_lines
+
+IWSLT14_URLS = ["https://wit3.fbk.eu/archive/2014-01/texts/de/en/de-en.tgz",
+                "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"]
+IWSLT14_DROP = ("<url>", "<talkid>", "<keywords>")
+# fairseq's prepare-iwslt14.sh: `ls IWSLT14.TED*.$l.xml` files, concatenated in this order for test.
+IWSLT14_TEST = ["IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010", "IWSLT14.TED.tst2011",
+                "IWSLT14.TED.tst2012"]
+
+IWSLT17_URLS = ["https://wit3.fbk.eu/archive/2017-01-trnted/texts/fr/en/fr-en.tgz"]
+IWSLT17_DROP = ("<doc", "</doc>", "<url>", "<keywords>", "<speaker>", "<talkid>", "<reviewer", "<translator")
+# Our fixed Fr-En split (README): valid = dev2010, test = tst2010..tst2015 concatenated in order.
+IWSLT17_VALID = ["IWSLT17.TED.dev2010"]
+IWSLT17_TEST = [f"IWSLT17.TED.tst{y}" for y in range(2010, 2016)]
+
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{name}.gz"
+MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+
+
+def _report(folder, langs, splits=("train", "valid", "test")):
+    counts = {s: check_parallel(*[os.path.join(folder, f"{s}.{l}") for l in langs]) for s in splits}
+    log("sentence pairs: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()))
+    return counts
+
+
+def _archive_path(archive_path, urls, cache_dir):
+    """--archive as given, or the official archive downloaded into DEST (first URL that answers)."""
+    if archive_path is None:
+        archive_path = archive.fetch(urls, os.path.join(cache_dir, os.path.basename(urls[0])))
+    return archive_path
+
+
+def _extract_iwslt(archive_path, pair, src, tgt, drop, sets, tmp, workers, lower, clean=True):
+    """train.tags -> tokenised (cleaned) train.tags.{l}; xml sets -> tokenised {set}.{l}."""
+    tar, names = archive.open_archive(archive_path)
+    train = {}
+    for lang in (src, tgt):
+        lines = archive.train_tags_lines(archive.read_member(tar, names, f"train.tags.{pair}.{lang}", archive_path),
+                                         drop)
+        log(f"train.tags.{pair}.{lang}: {len(lines):,} lines after dropping tag lines; tokenising")
+        train[lang] = text.tokenize(lines, lang, workers)
+    if len(train[src]) != len(train[tgt]):
+        raise PrepError(f"train.tags.{pair}.{src} has {len(train[src])} lines but train.tags.{pair}.{tgt} has "
+                        f"{len(train[tgt])} in {archive_path}")
+    if clean:
+        before = len(train[src])
+        train[src], train[tgt] = text.clean_corpus(train[src], train[tgt], ratio=1.5, min_len=1, max_len=175)
+        log(f"clean-corpus (ratio 1.5, length 1-175): kept {len(train[src]):,} of {before:,}")
+    for lang in (src, tgt):
+        write_lines(os.path.join(tmp, f"train.tags.{lang}"), text.lowercase(train[lang]) if lower else train[lang])
+    for name in sets:
+        counts = []
+        for lang in (src, tgt):
+            lines = archive.xml_segments(archive.read_member(tar, names, f"{name}.{pair}.{lang}.xml", archive_path))
+            lines = text.tokenize(lines, lang, workers)
+            counts.append(write_lines(os.path.join(tmp, f"{name}.{lang}"), text.lowercase(lines) if lower else lines))
+        if counts[0] != counts[1]:
+            raise PrepError(f"{name}.{pair}.{src}.xml has {counts[0]} segments but {name}.{pair}.{tgt}.xml has "
+                            f"{counts[1]} in {archive_path}")
+        log(f"{name}: {counts[0]:,} segments")
+    return f"train {len(train[src]):,} pairs, {len(sets)} xml sets"
+
+
+def _split_every_23rd(tmp, langs):
+    for lang in langs:
+        lines = read_lines(os.path.join(tmp, f"train.tags.{lang}"))
+        # awk 'NR % 23 == 0' (1-based line numbers) -> valid, the rest -> train
+        write_lines(os.path.join(tmp, f"valid.{lang}"), (l for i, l in enumerate(lines, 1) if i % 23 == 0))
+        write_lines(os.path.join(tmp, f"train.{lang}"), (l for i, l in enumerate(lines, 1) if i % 23 != 0))
+
+
+def _concat_sets(tmp, sets, split, langs):
+    for lang in langs:
+        write_lines(os.path.join(tmp, f"{split}.{lang}"),
+                    (line for name in sets for line in read_lines(os.path.join(tmp, f"{name}.{lang}"))))
+
+
+def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, force=False):
+    src, tgt, pair = "de", "en", "de-en"
+    prep = os.path.join(dest, "iwslt14.tokenized.de-en")
+    tmp = os.path.join(prep, "tmp")
+    data_bin = os.path.join(dest, "data-bin", "iwslt14.tokenized.de-en")
+    stages = Stages(prep, force)
+    if not stages.done("1-extract"):
+        archive_path = _archive_path(archive_path, IWSLT14_URLS, dest)
+    stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT14_DROP, IWSLT14_TEST, tmp, workers, True)
+
+    def split():
+        _split_every_23rd(tmp, (src, tgt))
+        _concat_sets(tmp, IWSLT14_TEST, "test", (src, tgt))
+        return "valid = every 23rd train line; test = " + " + ".join(IWSLT14_TEST)
+
+    stages.run("2-split", split)
+    codes = os.path.join(prep, "code")
+    stages.run("3-learn-bpe", lambda: bpe.learn_subword_nmt(
+        [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], bpe_size, codes) or
+        f"subword-nmt, {bpe_size} merges, joint de+en")
+    stages.run("4-apply-bpe", lambda: [bpe.apply_subword_nmt(codes, os.path.join(tmp, f"{s}.{l}"), os.path.join(prep, f"{s}.{l}"))
+                                       for s in ("train", "valid", "test") for l in (src, tgt)] and "BPE applied")
+    stages.run("5-binarize", lambda: fairseq_preprocess(prep, src, tgt, data_bin, workers) or data_bin)
+    return _report(prep, (src, tgt)), data_bin
+
+
+def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, force=False):
+    src, tgt, pair = "fr", "en", "fr-en"
+    prep = os.path.join(dest, "iwslt17.fr-en")
+    tmp = os.path.join(prep, "tmp")
+    data_bin = os.path.join(dest, "data-bin", "iwslt17.fr-en")
+    stages = Stages(prep, force)
+    if not stages.done("1-extract"):
+        archive_path = _archive_path(archive_path, IWSLT17_URLS, dest)
+    stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT17_DROP, IWSLT17_VALID + IWSLT17_TEST,
+               tmp, workers, False)
+
+    def split():
+        for lang in (src, tgt):
+            shutil.copyfile(os.path.join(tmp, f"train.tags.{lang}"), os.path.join(tmp, f"train.{lang}"))
+        _concat_sets(tmp, IWSLT17_VALID, "valid", (src, tgt))
+        _concat_sets(tmp, IWSLT17_TEST, "test", (src, tgt))
+        return "valid = " + " + ".join(IWSLT17_VALID) + "; test = " + " + ".join(IWSLT17_TEST)
+
+    stages.run("2-split", split)
+    model = os.path.join(prep, "spm")
+    stages.run("3-learn-bpe", lambda: bpe.learn_sentencepiece(
+        [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], bpe_size, model) or
+        f"sentencepiece BPE, vocabulary {bpe_size}, joint fr+en")
+    stages.run("4-apply-bpe", lambda: [bpe.apply_sentencepiece(model + ".model", os.path.join(tmp, f"{s}.{l}"),
+                                                               os.path.join(prep, f"{s}.{l}"))
+                                       for s in ("train", "valid", "test") for l in (src, tgt)] and "pieces applied")
+
+    def binarize():
+        fairseq_preprocess(prep, src, tgt, data_bin, workers, joined=True)
+        shutil.copyfile(model + ".model", os.path.join(data_bin, "spm.model"))
+        return data_bin + " (joined dictionary, spm.model beside it)"
+
+    stages.run("5-binarize", binarize)
+    return _report(prep, (src, tgt)), data_bin
+
+
+def _read_gz(path):
+    if not os.path.isfile(path):
+        raise PrepError(f"missing Multi30k file: {path}")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise PrepError(f"corrupt gzip file {path}: {err}") from None
+
+
+def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, workers=2, force=False):
+    if src not in ("de", "fr"):
+        raise PrepError(f"--src {src!r} is not available: allowed de, fr")
+    tgt = "en"
+    prep = os.path.join(dest, f"multi30k.{src}-en")
+    tmp = os.path.join(prep, "tmp")
+    data_bin = os.path.join(dest, "data-bin", f"multi30k.{src}-en")
+    stages = Stages(prep, force)
+
+    def extract():
+        folder = raw_dir or os.path.join(dest, "multi30k-raw")
+        for name in MULTI30K_SPLITS.values():
+            for lang in (src, tgt):
+                path = os.path.join(folder, f"{name}.{lang}.gz")
+                if raw_dir is None and not os.path.exists(path):
+                    archive.fetch([MULTI30K_URL.format(name=f"{name}.{lang}")], path)
+        counts = {}
+        for split, name in MULTI30K_SPLITS.items():
+            lines = {}
+            for lang in (src, tgt):
+                lines[lang] = _read_gz(os.path.join(folder, f"{name}.{lang}.gz"))
+            if len(lines[src]) != len(lines[tgt]):
+                raise PrepError(f"{folder}/{name}.{src}.gz has {len(lines[src])} lines but "
+                                f"{name}.{tgt}.gz has {len(lines[tgt])}")
+            for lang in (src, tgt):
+                write_lines(os.path.join(tmp, f"{split}.{lang}"), text.lowercase(text.tokenize(lines[lang], lang, workers)))
+            counts[split] = len(lines[src])
+        return ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " (tokenised, lowercased)"
+
+    stages.run("1-extract", extract)
+    codes = os.path.join(prep, "code")
+    stages.run("2-learn-bpe", lambda: bpe.learn_subword_nmt(
+        [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], bpe_size, codes) or
+        f"subword-nmt, {bpe_size} merges, joint {src}+en")
+    stages.run("3-apply-bpe", lambda: [bpe.apply_subword_nmt(codes, os.path.join(tmp, f"{s}.{l}"), os.path.join(prep, f"{s}.{l}"))
+                                       for s in ("train", "valid", "test") for l in (src, tgt)] and "BPE applied")
+    stages.run("4-binarize", lambda: fairseq_preprocess(prep, src, tgt, data_bin, workers) or data_bin)
+    return _report(prep, (src, tgt)), data_bin

@@ -1,0 +1,192 @@
+"""data-prep scripts end to end on small archives in the official IWSLT layouts (no network)."""
+import gzip
+import io
+import os
+import random
+import subprocess
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["Haus", "Katze", "läuft", "schnell", "über", "die", "Straße", "und", "der", "Hund", "bellt", "laut",
+         "Maison", "chat", "rue", "vite", "chien", "très", "été", "l'arbre"]
+N_TRAIN = 120
+
+
+def sentence(rng, n=None):
+    return " ".join(rng.choice(WORDS) for _ in range(n or rng.randint(3, 9))) + rng.choice([".", "!", ","])
+
+
+def train_tags(rng, lines, tag_lines):
+    out = list(tag_lines[:3])
+    for i, line in enumerate(lines):
+        if i == 5:
+            out.append(f"<title>{line}</title>")
+        elif i == 6:
+            out.append(f"<description>{line}</description>")
+        else:
+            out.append(line)
+        if i % 40 == 0:
+            out += tag_lines
+    return "\n".join(out) + "\n"
+
+
+def xml(lines, lang):
+    segs = "\n".join(f'<seg id="{i}"> {line.replace("l\'", "l’")} </seg>' for i, line in enumerate(lines, 1))
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<mteval>\n<srcset setid="x" srclang="{lang}">\n'
+            f'<doc docid="1" genre="lectures">\n<url>http://x</url>\n<talkid>1</talkid>\n{segs}\n</doc>\n</srcset>\n</mteval>\n')
+
+
+def make_archive(path, pair, year, sets, tag_lines, seed=0, drop_member=None, uneven=False):
+    src, tgt = pair.split("-")
+    rng = random.Random(seed)
+    train = [(sentence(rng), sentence(rng)) for _ in range(N_TRAIN)]
+    train.append((sentence(rng, 3), sentence(rng, 12)))  # ratio > 1.5: cleaned away
+    members = {}
+    for lang, col in ((src, 0), (tgt, 1)):
+        lines = [p[col] for p in train] + (["extra line ."] if uneven and lang == tgt else [])
+        members[f"{pair}/train.tags.{pair}.{lang}"] = train_tags(rng, lines, tag_lines)
+    counts = {}
+    for k, name in enumerate(sets):
+        n = 5 + k
+        counts[name] = n
+        pairs = [(sentence(rng), sentence(rng)) for _ in range(n)]
+        for lang, col in ((src, 0), (tgt, 1)):
+            members[f"{pair}/IWSLT{year}.{name}.{pair}.{lang}.xml"] = xml([p[col] for p in pairs], lang)
+    if drop_member:
+        members.pop(drop_member)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in members.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return counts
+
+
+IWSLT14_SETS = ["TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012"]
+IWSLT17_SETS = ["TED.dev2010"] + [f"TED.tst{y}" for y in range(2010, 2016)]
+TAGS14 = ["<url>http://www.ted.com/talks/x</url>", "<talkid>42</talkid>", "<keywords>talks, art</keywords>"]
+TAGS17 = ['<doc docid="1" genre="lectures">', "<url>http://x</url>", "<keywords>k</keywords>",
+          "<speaker>Someone</speaker>", "<talkid>1</talkid>", '<reviewer href="x">R</reviewer>',
+          '<translator href="y">T</translator>', "</doc>"]
+
+
+def prep(script, *args):
+    return subprocess.run(["bash", os.path.join(ROOT, "data-prep", script), *args], capture_output=True, text=True)
+
+
+def lines(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def load_binarized(data_bin, split, src, tgt):
+    from fairseq.data import Dictionary, data_utils
+
+    for lang in (src, tgt):
+        d = Dictionary.load(os.path.join(data_bin, f"dict.{lang}.txt"))
+        ds = data_utils.load_indexed_dataset(os.path.join(data_bin, f"{split}.{src}-{tgt}.{lang}"), d)
+        yield len(ds)
+
+
+@pytest.fixture(scope="module")
+def iwslt14(tmp_path_factory):
+    root = tmp_path_factory.mktemp("iwslt14")
+    counts = make_archive(str(root / "de-en.tgz"), "de-en", 14, IWSLT14_SETS, TAGS14)
+    proc = prep("prepare-iwslt14-de-en.sh", "--archive", str(root / "de-en.tgz"), "--dest", str(root / "out"),
+                "--bpe-size", "40", "--workers", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return root, counts, proc
+
+
+def test_iwslt14_outputs_follow_fairseqs_recipe(iwslt14):
+    root, counts, proc = iwslt14
+    text = root / "out" / "iwslt14.tokenized.de-en"
+    tokenized = lines(text / "tmp" / "train.tags.de")
+    assert len(tokenized) == N_TRAIN  # tag lines dropped, the 1.5-ratio pair cleaned away
+    joined = "\n".join(tokenized + lines(text / "test.en") + lines(text / "train.en"))
+    for tag in ("<url>", "<talkid>", "<keywords>", "<title>", "</title>", "<description>", "talks, art", "http"):
+        assert tag not in joined
+    assert joined == joined.lower()
+    assert "l &apos;" in joined or "l&apos;" in joined  # Moses escaping, ’ normalised to '
+    # every 23rd line (1-based) of the cleaned train is valid, the rest train
+    assert lines(text / "tmp" / "valid.de") == [l for i, l in enumerate(tokenized, 1) if i % 23 == 0]
+    assert len(lines(text / "train.de")) == N_TRAIN - N_TRAIN // 23 and len(lines(text / "valid.en")) == N_TRAIN // 23
+    assert len(lines(text / "test.de")) == sum(counts.values()) == len(lines(text / "test.en"))
+    assert any("@@ " in l for l in lines(text / "train.de"))
+    data_bin = root / "out" / "data-bin" / "iwslt14.tokenized.de-en"
+    assert list(load_binarized(str(data_bin), "test", "de", "en")) == [sum(counts.values())] * 2
+    assert "sentence pairs: train 115, valid 5, test 35" in proc.stdout
+    assert not list((root / "out").rglob("*.tmp"))
+
+
+def test_rerun_skips_finished_stages_and_force_redoes_them(iwslt14):
+    root, _, _ = iwslt14
+    args = ["--archive", str(root / "de-en.tgz"), "--dest", str(root / "out"), "--bpe-size", "40"]
+    again = prep("prepare-iwslt14-de-en.sh", *args)
+    assert again.returncode == 0 and again.stdout.count("done already, skipped") == 5
+    forced = prep("prepare-iwslt14-de-en.sh", *args, "--force")
+    assert forced.returncode == 0 and "skipped" not in forced.stdout
+
+
+def test_iwslt17_fr_en_is_cased_with_sentencepiece_and_joined_dictionary(tmp_path):
+    counts = make_archive(str(tmp_path / "fr-en.tgz"), "fr-en", 17, IWSLT17_SETS, TAGS17, seed=3)
+    proc = prep("prepare-iwslt17-fr-en.sh", "--archive", str(tmp_path / "fr-en.tgz"), "--dest", str(tmp_path / "out"),
+                "--bpe-size", "60")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = tmp_path / "out" / "iwslt17.fr-en"
+    train = lines(text / "train.fr") + lines(text / "train.en")
+    joined = "\n".join(train)
+    for tag in ("<doc", "</doc>", "<url>", "<keywords>", "<speaker>", "<talkid>", "<reviewer", "<translator", "<title>"):
+        assert tag not in joined
+    assert any(c.isupper() for c in joined)  # case kept
+    assert "▁" in joined  # sentencepiece pieces
+    assert len(lines(text / "train.fr")) == N_TRAIN
+    assert len(lines(text / "valid.en")) == counts["TED.dev2010"]
+    assert len(lines(text / "test.fr")) == sum(n for k, n in counts.items() if "tst" in k)
+    data_bin = tmp_path / "out" / "data-bin" / "iwslt17.fr-en"
+    assert (data_bin / "spm.model").exists() and (text / "spm.model").exists()
+    assert lines(data_bin / "dict.fr.txt") == lines(data_bin / "dict.en.txt")  # joined dictionary
+    assert list(load_binarized(str(data_bin), "valid", "fr", "en")) == [counts["TED.dev2010"]] * 2
+
+
+def test_multi30k_from_a_local_folder(tmp_path):
+    rng = random.Random(5)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, n in (("train", 60), ("val", 7), ("test_2016_flickr", 9)):
+        for lang in ("de", "en"):
+            with gzip.open(raw / f"{name}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.write("".join(sentence(rng) + "\n" for _ in range(n)))
+    proc = prep("prepare-multi30k.sh", "--src", "de", "--raw-dir", str(raw), "--dest", str(tmp_path / "out"),
+                "--bpe-size", "30")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = tmp_path / "out" / "multi30k.de-en"
+    assert [len(lines(text / f"{s}.en")) for s in ("train", "valid", "test")] == [60, 7, 9]
+    assert all(l == l.lower() for l in lines(text / "train.de"))
+    assert list(load_binarized(str(tmp_path / "out" / "data-bin" / "multi30k.de-en"), "test", "de", "en")) == [9, 9]
+    bad = prep("prepare-multi30k.sh", "--src", "es", "--raw-dir", str(raw), "--dest", str(tmp_path / "o2"))
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --src 'es' is not available: allowed de, fr"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "error: archive not found: {path}"),
+    ("corrupt", "error: corrupt or unreadable archive {path}"),
+    ("member", "has no member de-en/IWSLT14.TED.tst2011.de-en.en.xml"),
+    ("uneven", "but train.tags.de-en.en has"),
+])
+def test_bad_archives_are_refused_with_one_line(tmp_path, case, message):
+    path = tmp_path / "de-en.tgz"
+    if case == "corrupt":
+        path.write_bytes(b"\x1f\x8b\x08 this is not a tarball")
+    elif case == "member":
+        make_archive(str(path), "de-en", 14, IWSLT14_SETS, TAGS14, drop_member="de-en/IWSLT14.TED.tst2011.de-en.en.xml")
+    elif case == "uneven":
+        make_archive(str(path), "de-en", 14, IWSLT14_SETS, TAGS14, uneven=True)
+    proc = prep("prepare-iwslt14-de-en.sh", "--archive", str(path), "--dest", str(tmp_path / "out"), "--bpe-size", "40")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and "Traceback" not in proc.stderr
+    assert message.format(path=path) in err[0]
+    assert not (tmp_path / "out" / "data-bin").exists()
