@@ -44,7 +44,8 @@ def open_archive(path):
         tar = tarfile.open(path, "r:*")
         names = tar.getnames()
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise PrepError(f"corrupt or unreadable archive {path}: {err}") from None
+        reason = (str(err).splitlines() or ["unreadable"])[0]
+        raise PrepError(f"corrupt or unreadable archive {path}: {reason}") from None
     return tar, names
 
 
@@ -56,7 +57,8 @@ def read_member(tar, names, suffix, archive_path):
     try:
         data = tar.extractfile(matches[0]).read()
     except (tarfile.TarError, OSError, EOFError, AttributeError) as err:
-        raise PrepError(f"corrupt member {matches[0]} in {archive_path}: {err}") from None
+        reason = (str(err).splitlines() or ["unreadable"])[0]
+        raise PrepError(f"corrupt member {matches[0]} in {archive_path}: {reason}") from None
     return data.decode("utf-8").splitlines()
 
 
