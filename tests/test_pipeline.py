@@ -111,7 +111,7 @@ def test_aggregate_single_seed_has_zero_std_and_missing_loss_has_no_delta():
 def test_reproduction_runs_then_skips_finished_work(data_bin, tmp_path):
     out = tmp_path / "repro"
     cmd = [sys.executable, "-m", "el_fairseq.reproduce", "demo", "--seeds", "1", "--data", str(data_bin / "bin"),
-           "--out", str(out), "--avg-last", "2", "--cpu", "--max-update", "16", "--max-tokens", "1024"]
+           "--out", str(out), "--avg-last", "2", "--cpu", "--max-epoch", "2", "--max-tokens", "4096"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
