@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("ls_ce", "el_reference", "el_chunked")
-LABELS = {"ls_ce": "fairseq LS-CE", "el_reference": "EL reference", "el_chunked": "EL fused (chunked)"}
+IMPLS = ("ls_ce", "el_reference", "el_chunked", "el_native")
+LABELS = {"ls_ce": "fairseq LS-CE", "el_reference": "EL reference", "el_chunked": "EL fused, torch ops",
+          "el_native": "EL fused, native"}
 
 
 def _rss_bytes():

@@ -36,3 +36,5 @@ fi
 echo "[install] el-fairseq (editable)"
 pip_i --no-deps --no-build-isolation -e .
 "$VPY" -c 'import torch, fairseq, el_fairseq; print("[install] ok: torch", torch.__version__, "fairseq", fairseq.__version__)'
+# Build the compiled CPU loss kernel now rather than at the first training step.
+"$VPY" -c 'from el_fairseq.loss import native as n; print("[install] native CPU kernel:", "built" if n.available() else "unavailable (" + n.error() + "), the chunked torch path will be used")'

@@ -21,7 +21,7 @@ def loss_and_grad(criterion, sample, seed=0):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "native"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_bonus_off_equals_fairseq_ls_ce(name, impl, eps):
     sample = make_sample(5, 7, VOCAB)
@@ -35,7 +35,7 @@ def test_bonus_off_equals_fairseq_ls_ce(name, impl, eps):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "native"])
 @pytest.mark.parametrize("log_end,eps_b", [(0.5, None), (0.75, 0.0), (1.0, 0.2)])
 def test_criterion_equals_float64_formula(name, impl, log_end, eps_b):
     sample = make_sample(5, 7, VOCAB, seed=3)

@@ -50,7 +50,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("name,impl", [("encouraging_loss", "chunked"),
+@pytest.mark.parametrize("name,impl", [("encouraging_loss", "native"), ("encouraging_loss", "chunked"),
                                        ("encouraging_label_smoothed_cross_entropy", "reference")])
 def test_two_gloo_workers_equal_one_process(tmp_path, name, impl):
     out = str(tmp_path / "rank0.pt")

@@ -9,7 +9,7 @@ from el_fairseq.loss.bonus import BonusSpec
 from el_fairseq.loss.dispatch import encouraging_loss
 from reference64 import el_loss64
 
-IMPLS = ["reference", "chunked"]
+IMPLS = ["reference", "chunked", "native"]
 PAD = 1
 
 

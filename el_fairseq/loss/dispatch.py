@@ -2,25 +2,48 @@
 
 impl:
   "reference"  plain torch on log_softmax(logits) (reference.py), autograd backward;
-  "chunked"    fused loss+gradient over row chunks (chunked.py), CPU and CUDA;
-  "auto"       "chunked" (it supports every option), "reference" when gradients of higher
-               order are needed (the fused backward is once-differentiable).
+  "chunked"    fused loss+gradient over row chunks with torch ops (chunked.py), any device/dtype;
+  "native"     fused loss+gradient in compiled C/OpenMP (native_kernel.c), float32 CPU logits;
+  "auto"       "native" where it applies, else "chunked".
+Every option of the loss works on every path. "native" falls back to "chunked", with a one-time
+warning, for other devices/dtypes or when it cannot be compiled.
 """
-import torch
+import warnings
+
 import torch.nn.functional as F
 
 from .bonus import BonusSpec, EncouragingLossOptionError
 from .chunked import chunked_encouraging_loss, compute_dtype
 from .diagnostics import token_stats_from_logits
 from .reference import encouraging_nll_loss
+from . import native
 
-IMPLS = ("auto", "reference", "chunked")
+IMPLS = ("auto", "reference", "chunked", "native")
+_warned = set()
 
 
 def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise EncouragingLossOptionError(f"--el-impl {impl!r} is not known: allowed {', '.join(IMPLS)}")
-    return "chunked" if impl == "auto" else impl
+    return impl
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def path_for(logits, impl):
+    """The implementation that will run for these logits ("auto" and fallbacks resolved)."""
+    if impl in ("auto", "native"):
+        if native.supports(logits) and native.available():
+            return "native"
+        if impl == "native":
+            reason = native.error() or f"it takes float32 CPU logits, got {logits.dtype} on {logits.device}"
+            _warn_once(("native", reason), f"el_fairseq: --el-impl native unavailable ({reason}); using chunked")
+        return "chunked"
+    return impl
 
 
 def _check_inputs(logits, target, epsilon):
@@ -43,11 +66,12 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     stats: per-token (N, 2) float32 [z_y, margin z_y - max_{j != y} z_j], zeros at padding.
     """
     _check_inputs(logits, target, epsilon)
-    impl = resolve_impl(impl)
+    impl = path_for(logits, resolve_impl(impl))
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
-    if impl == "chunked":
-        loss, nll, stats = chunked_encouraging_loss(logits, target, epsilon, spec, ignore_index)
+    if impl in ("chunked", "native"):
+        fused = native.native_encouraging_loss if impl == "native" else chunked_encouraging_loss
+        loss, nll, stats = fused(logits, target, epsilon, spec, ignore_index)
         if reduce:
             loss, nll = loss.sum(), nll.sum()
     else:

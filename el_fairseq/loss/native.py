@@ -1,0 +1,130 @@
+"""The compiled CPU path: native_kernel.c built with the system C compiler on first use, loaded
+with ctypes. float32 CPU logits only; anything else goes to the chunked torch path.
+
+Build cache: $EL_FAIRSEQ_CACHE or ~/.cache/el_fairseq, keyed by the source, the flags and the
+CPU's feature flags (the build uses -march=native). If no compiler is found or the build fails,
+`available()` is False and the dispatcher falls back to "chunked" with a one-time warning.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import torch
+
+from .bonus import BonusSpec, _scalar_bonus
+from .chunked import ChunkedEncouragingLoss
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel.c")
+# -ffast-math defines __FAST_MATH__, under which glibc declares the SIMD (libmvec) variants of
+# expf/logf/powf/cosf: gcc then vectorises the row loops. The kernel keeps every value finite.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+KINDS = {"log": 0, "power": 1, "cosine": 2}
+
+_lib = None
+_error = None
+_lock = threading.Lock()
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build():
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        raise RuntimeError("no C compiler (gcc/cc) found")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    cache = os.environ.get("EL_FAIRSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "el_fairseq")
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, f"el_native_{key}.so")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        proc = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.remove(tmp)
+            raise RuntimeError(f"compiling {SOURCE} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, path)  # atomic: concurrent workers never load a half-written library
+    lib = ctypes.CDLL(path)
+    f32, i64, i32, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.el_forward.argtypes = [ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32, f32, f32, f32, f32,
+                               ptr, ptr, ptr, ptr, i32]
+    lib.el_forward.restype = i32
+    return lib
+
+
+def load():
+    """The loaded library, or None (the reason in `error()`)."""
+    global _lib, _error
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _build()
+            except (RuntimeError, OSError) as err:
+                _error = str(err)
+    return _lib
+
+
+def available():
+    return load() is not None
+
+
+def error():
+    return _error
+
+
+def supports(logits):
+    return logits.device.type == "cpu" and logits.dtype == torch.float32
+
+
+def forward(logits, target, epsilon, spec: BonusSpec, ignore_index):
+    """(loss, nll, stats, grad) for float32 CPU logits (N, V); grad is (N, V) float32."""
+    lib = load()
+    logits = logits.detach().contiguous()
+    target = target.contiguous().to(torch.int64)
+    n, vocab = logits.shape
+    loss = torch.empty(n, dtype=torch.float32)
+    nll = torch.empty(n, dtype=torch.float32)
+    stats = torch.empty(n, 2, dtype=torch.float32)
+    grad = torch.empty_like(logits)
+    b_start = _scalar_bonus(spec.start, spec) if spec.start > 0 else 0.0
+    failed = lib.el_forward(
+        logits.data_ptr(), target.data_ptr(), n, vocab, -1 if ignore_index is None else int(ignore_index),
+        int(ignore_index is not None), float(epsilon), float(spec.epsilon), float(spec.rho), KINDS[spec.kind],
+        float(spec.log_end), float(spec.gamma), float(spec.start), float(b_start),
+        loss.data_ptr(), nll.data_ptr(), stats.data_ptr(), grad.data_ptr(), torch.get_num_threads())
+    if failed:
+        raise MemoryError("el_fairseq native kernel: could not allocate its scratch row")
+    return loss, nll, stats, grad
+
+
+class NativeEncouragingLoss(torch.autograd.Function):
+    """Per-token (loss, nll, stats) with the gradient from the compiled kernel (once-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, epsilon, spec, ignore_index):
+        keep = target if ignore_index is None else target[target != ignore_index]
+        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= logits.size(-1)):
+            raise ValueError(f"target ids must be in [0, {logits.size(-1)}) or the padding index, "
+                             f"got {int(keep.min())}..{int(keep.max())}")
+        loss, nll, stats, grad = forward(logits, target, epsilon, spec, ignore_index)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(nll, stats)
+        return loss, nll, stats
+
+    backward = staticmethod(ChunkedEncouragingLoss.backward)
+
+
+def native_encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None):
+    return NativeEncouragingLoss.apply(logits, target, epsilon, spec, ignore_index)
