@@ -16,7 +16,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[install] creating $VENV with $($PY --version 2>&1)"
-  "$PY" -m venv "$VENV"
+  if [ "${VENV_SYSTEM_SITE:-0}" = 1 ]; then "$PY" -m venv --system-site-packages "$VENV"; else "$PY" -m venv "$VENV"; fi
 fi
 VPY="$VENV/bin/python"
 pip_i() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }

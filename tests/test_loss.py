@@ -212,3 +212,16 @@ def test_stats_are_energy_and_margin(impl):
     _, _, stats = encouraging_loss(logits, target, 0.1, BonusSpec(), impl=impl, with_stats=True)
     # z_y = 5, 4, 1; margins: 5 - 2 = 3, 4 - 4 = 0 (tie), 1 - 3 = -2
     assert torch.allclose(stats, torch.tensor([[5.0, 3.0], [4.0, 0.0], [1.0, -2.0]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spec", [BonusSpec(), BonusSpec(log_end=1.0, epsilon=0.0), BonusSpec("power", gamma=2.0)])
+def test_cuda_fused_path_matches_float64(dtype, spec):
+    logits, target = make_batch(64, 1000, 8.0, seed=31, pad_rows=5)
+    got = run_impl("auto", logits.to(dtype).cuda(), target.cuda(), 0.1, spec)
+    want = run_ref64(logits.to(dtype).double(), target, 0.1, spec)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert torch.allclose(got[0].double().cpu(), want[0], rtol=rtol)
+    assert got[2].dtype == dtype and torch.isfinite(got[2]).all()
+    assert (got[2].double().cpu() - want[2]).abs().max() < (1e-4 if dtype == torch.float32 else 2e-2)
