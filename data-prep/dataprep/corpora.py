@@ -82,6 +82,18 @@ def _concat_sets(tmp, sets, split, langs):
                     (line for name in sets for line in read_lines(os.path.join(tmp, f"{name}.{lang}"))))
 
 
+def _subword_nmt_stages(stages, first, prep, tmp, src, tgt, merges):
+    """Learn joint subword-nmt BPE on train.{src,tgt} and apply it to every split (stage numbers
+    from `first`); the codes stay in PREP/code."""
+    codes = os.path.join(prep, "code")
+    stages.run(f"{first}-learn-bpe", lambda: bpe.learn_subword_nmt(
+        [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], merges, codes) or
+        f"subword-nmt, {merges} merges, joint {src}+{tgt}")
+    stages.run(f"{first + 1}-apply-bpe", lambda: [
+        bpe.apply_subword_nmt(codes, os.path.join(tmp, f"{s}.{l}"), os.path.join(prep, f"{s}.{l}"))
+        for s in ("train", "valid", "test") for l in (src, tgt)] and "BPE applied")
+
+
 def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, force=False):
     src, tgt, pair = "de", "en", "de-en"
     prep = os.path.join(dest, "iwslt14.tokenized.de-en")
@@ -98,12 +110,7 @@ def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, f
         return "valid = every 23rd train line; test = " + " + ".join(IWSLT14_TEST)
 
     stages.run("2-split", split)
-    codes = os.path.join(prep, "code")
-    stages.run("3-learn-bpe", lambda: bpe.learn_subword_nmt(
-        [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], bpe_size, codes) or
-        f"subword-nmt, {bpe_size} merges, joint de+en")
-    stages.run("4-apply-bpe", lambda: [bpe.apply_subword_nmt(codes, os.path.join(tmp, f"{s}.{l}"), os.path.join(prep, f"{s}.{l}"))
-                                       for s in ("train", "valid", "test") for l in (src, tgt)] and "BPE applied")
+    _subword_nmt_stages(stages, 3, prep, tmp, src, tgt, bpe_size)
     stages.run("5-binarize", lambda: fairseq_preprocess(prep, src, tgt, data_bin, workers) or data_bin)
     return _report(prep, (src, tgt)), data_bin
 
@@ -184,11 +191,6 @@ def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, worker
         return ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " (tokenised, lowercased)"
 
     stages.run("1-extract", extract)
-    codes = os.path.join(prep, "code")
-    stages.run("2-learn-bpe", lambda: bpe.learn_subword_nmt(
-        [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], bpe_size, codes) or
-        f"subword-nmt, {bpe_size} merges, joint {src}+en")
-    stages.run("3-apply-bpe", lambda: [bpe.apply_subword_nmt(codes, os.path.join(tmp, f"{s}.{l}"), os.path.join(prep, f"{s}.{l}"))
-                                       for s in ("train", "valid", "test") for l in (src, tgt)] and "BPE applied")
+    _subword_nmt_stages(stages, 2, prep, tmp, src, tgt, bpe_size)
     stages.run("4-binarize", lambda: fairseq_preprocess(prep, src, tgt, data_bin, workers) or data_bin)
     return _report(prep, (src, tgt)), data_bin

@@ -15,6 +15,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
 )
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
@@ -92,6 +93,23 @@ def _log_diagnostics(logging_outputs):
 class _DiagnosticsMixin:
     """Margin/energy logging for any LS-CE-shaped criterion."""
 
+    def _logging_output(self, model, net_output, sample, loss, nll_loss, extra):
+        """fairseq LS-CE's logging output (plus `extra`); returns (sample_size, logging_output)."""
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            **extra,
+        }
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = utils.item(n_correct.data)
+            logging_output["total"] = utils.item(total.data)
+        return sample_size, logging_output
+
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
@@ -146,19 +164,7 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         loss, nll_loss, extra = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-            **extra,
-        }
-        if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
-            logging_output["n_correct"] = utils.item(n_correct.data)
-            logging_output["total"] = utils.item(total.data)
+        sample_size, logging_output = self._logging_output(model, net_output, sample, loss, nll_loss, extra)
         return loss, sample_size, logging_output
 
     def _logits_and_target(self, model, net_output, sample):
@@ -209,29 +215,20 @@ class LabelSmoothedCrossEntropyWithDiagnostics(_DiagnosticsMixin, LabelSmoothedC
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
-        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
-        target = model.get_targets(sample, net_output)
-        logits = net_output[0]
-        if self.ignore_prefix_size > 0:
-            logits = logits[:, self.ignore_prefix_size:, :]
-            target = target[:, self.ignore_prefix_size:]
+        # fairseq's compute_loss, spelled out to keep its log-probabilities for p_y (no extra pass).
+        lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
+        loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx,
+                                                 reduce=reduce)
+        extra = {}
         if getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is None:
-            stats = token_stats_from_logits(logits.detach(), target, self.padding_idx)
-            # nll per token from the logits' own statistics: -log p_y = logsumexp(z) - z_y
-            nll = (logits.detach().float().logsumexp(-1).reshape(-1) - stats[:, 0])
-            logging_output.update(summarize(stats, nll, target, self.padding_idx))
-        if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
-            logging_output["n_correct"] = utils.item(n_correct.data)
-            logging_output["total"] = utils.item(total.data)
+            logits = net_output[0]
+            if self.ignore_prefix_size > 0:
+                logits = logits[:, self.ignore_prefix_size:, :]
+            safe = target.masked_fill(target.eq(self.padding_idx), 0)
+            nll = -lprobs.detach().gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            extra = summarize(token_stats_from_logits(logits.detach(), target, self.padding_idx), nll, target,
+                              self.padding_idx)
+        sample_size, logging_output = self._logging_output(model, net_output, sample, loss, nll_loss, extra)
         return loss, sample_size, logging_output
 
     @staticmethod
