@@ -39,9 +39,9 @@ def path_for(logits, impl):
     if impl in ("auto", "native"):
         if native.supports(logits) and native.available():
             return "native"
-        if impl == "native":
+        if impl == "native" or (native.supports(logits) and native.error()):
             reason = native.error() or f"it takes float32 CPU logits, got {logits.dtype} on {logits.device}"
-            _warn_once(("native", reason), f"el_fairseq: --el-impl native unavailable ({reason}); using chunked")
+            _warn_once(("native", reason), f"el_fairseq: the native kernel is unavailable ({reason}); using chunked")
         return "chunked"
     return impl
 
