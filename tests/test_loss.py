@@ -225,3 +225,16 @@ def test_cuda_fused_path_matches_float64(dtype, spec):
     assert torch.allclose(got[0].double().cpu(), want[0], rtol=rtol)
     assert got[2].dtype == dtype and torch.isfinite(got[2]).all()
     assert (got[2].double().cpu() - want[2]).abs().max() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_native_unavailable_falls_back_to_chunked_visibly(monkeypatch):
+    from el_fairseq.loss import dispatch, native
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_error", "no C compiler (gcc/cc) found")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    logits, target = make_batch(9, 11, 2.0, seed=2, pad_rows=1)
+    with pytest.warns(RuntimeWarning, match="native kernel is unavailable .no C compiler"):
+        got = run_impl("native", logits, target, 0.1, BonusSpec())
+    assert_matches(got, run_ref64(logits, target, 0.1, BonusSpec()), rtol=1e-5)
+    assert dispatch.path_for(logits, "auto") == "chunked"
