@@ -20,9 +20,10 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("ls_ce", "el_reference", "el_chunked", "el_native")
+IMPLS = {"cpu": ("ls_ce", "el_reference", "el_chunked", "el_native"),
+         "cuda": ("ls_ce", "el_reference", "el_chunked", "el_triton")}
 LABELS = {"ls_ce": "fairseq LS-CE", "el_reference": "EL reference", "el_chunked": "EL fused, torch ops",
-          "el_native": "EL fused, native"}
+          "el_native": "EL fused, native", "el_triton": "EL fused, Triton"}
 
 
 def _rss_bytes():
@@ -133,7 +134,7 @@ def main(argv=None):
         print(f"{'vocab':>7} {'implementation':<20} {'time ms':>9} {'x LS-CE':>8} {'peak MiB':>9} {'x LS-CE':>8}")
         for vocab in args.vocabs:
             base = None
-            for impl in IMPLS:
+            for impl in IMPLS[device]:
                 cmd = [sys.executable, "-m", "benchmarks.loss_benchmark", "--worker", impl, str(vocab),
                        "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
                        "--device", device]

@@ -4,10 +4,12 @@ impl:
   "reference"  plain torch on log_softmax(logits) (reference.py), autograd backward;
   "chunked"    fused loss+gradient over row chunks with torch ops (chunked.py), any device/dtype;
   "native"     fused loss+gradient in compiled C/OpenMP (native_kernel.c), float32 CPU logits;
-  "auto"       "native" where it applies, else "chunked".
-Every option of the loss works on every path. "native" falls back to "chunked", with a one-time
-warning, for other devices/dtypes or when it cannot be compiled.
+  "triton"     fused loss+gradient as a Triton kernel (triton_kernel.py), CUDA logits of any float dtype;
+  "auto"       "native" on the CPU, "triton" on CUDA, where they apply; else "chunked".
+Every option of the loss works on every path. "native"/"triton" fall back to "chunked", with a
+one-time warning, where they cannot run.
 """
+import os
 import warnings
 
 import torch.nn.functional as F
@@ -16,9 +18,9 @@ from .bonus import BonusSpec, EncouragingLossOptionError
 from .chunked import chunked_encouraging_loss, compute_dtype
 from .diagnostics import token_stats_from_logits
 from .reference import encouraging_nll_loss
-from . import native
+from . import native, triton_kernel
 
-IMPLS = ("auto", "reference", "chunked", "native")
+IMPLS = ("auto", "reference", "chunked", "native", "triton")
 _warned = set()
 
 
@@ -36,6 +38,15 @@ def _warn_once(key, message):
 
 def path_for(logits, impl):
     """The implementation that will run for these logits ("auto" and fallbacks resolved)."""
+    if impl == "triton" or (impl == "auto" and logits.is_cuda):
+        # On CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
+        runnable = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        if triton_kernel.available() and runnable:
+            return "triton"
+        if impl == "triton":
+            reason = "triton is not installed" if not triton_kernel.available() else "it needs CUDA logits"
+            _warn_once(("triton", reason), f"el_fairseq: --el-impl triton unavailable ({reason}); using chunked")
+        return "chunked"
     if impl in ("auto", "native"):
         if native.supports(logits) and native.available():
             return "native"
@@ -69,8 +80,9 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     impl = path_for(logits, resolve_impl(impl))
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
-    if impl in ("chunked", "native"):
-        fused = native.native_encouraging_loss if impl == "native" else chunked_encouraging_loss
+    if impl in ("chunked", "native", "triton"):
+        fused = {"native": native.native_encouraging_loss, "triton": triton_kernel.triton_encouraging_loss,
+                 "chunked": chunked_encouraging_loss}[impl]
         loss, nll, stats = fused(logits, target, epsilon, spec, ignore_index)
         if reduce:
             loss, nll = loss.sum(), nll.sum()

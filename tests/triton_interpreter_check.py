@@ -1,0 +1,47 @@
+"""Run by test_triton.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported):
+the Triton kernel, executed by Triton's CPU interpreter, against the float64 reference."""
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+assert os.environ.get("TRITON_INTERPRET") == "1"
+from test_loss import assert_matches, make_batch, run_impl, run_ref64  # noqa: E402
+
+from el_fairseq.loss import triton_kernel  # noqa: E402
+from el_fairseq.loss.bonus import BonusSpec  # noqa: E402
+from el_fairseq.loss.dispatch import path_for  # noqa: E402
+
+assert triton_kernel.available() and path_for(torch.zeros(2, 3), "triton") == "triton"
+specs = [BonusSpec(), BonusSpec(log_end=0.75, epsilon=0.0), BonusSpec(log_end=1.0), BonusSpec(rho=0.0),
+         BonusSpec("power", gamma=2.5), BonusSpec("power", gamma=1.0, epsilon=0.2), BonusSpec("cosine"),
+         BonusSpec(log_end=0.75, start=0.3)]
+for spec, scale, eps in itertools.product(specs, (1.0, 10.0, 40.0), (0.0, 0.1)):
+    logits, target = make_batch(23, 41, scale, seed=int(scale), pad_rows=4)
+    assert_matches(run_impl("triton", logits, target, eps, spec), run_ref64(logits, target, eps, spec), rtol=1e-5)
+# several blocks per row, odd vocabulary
+logits, target = make_batch(37, 100, 12.0, seed=3, pad_rows=3)
+for spec in specs[:3]:
+    loss, nll, stats, grad = triton_kernel.forward(logits, target, 0.1, spec, 1, block=16)
+    assert_matches((loss.sum(), nll.sum(), grad), run_ref64(logits, target, 0.1, spec), rtol=1e-5)
+    want_stats = run_impl("chunked", logits, target, 0.1, spec)
+    from el_fairseq.loss.dispatch import encouraging_loss
+    _, _, s_ref = encouraging_loss(logits, target, 0.1, spec, ignore_index=1, impl="chunked", with_stats=True)
+    assert torch.allclose(stats, s_ref)
+# half precision: float32 inside, finite with +-1e4 logits, gradient in the input dtype
+for dtype in (torch.float16, torch.bfloat16):
+    logits, target = make_batch(16, 40, 8.0, seed=21, pad_rows=2, dtype=dtype)
+    logits[0, :] = -1e4
+    logits[0, target[0]] = 1e4
+    logits[1, target[1]] = 1e4
+    logits[2, :] = 1e4
+    logits[3, target[3]] = -1e4
+    for spec in (BonusSpec(log_end=1.0), BonusSpec()):
+        loss, nll, grad = run_impl("triton", logits, target, 0.1, spec)
+        want = run_ref64(logits.double(), target, 0.1, spec)
+        assert grad.dtype == dtype and torch.isfinite(grad).all() and torch.isfinite(loss)
+        assert torch.allclose(loss.double(), want[0], rtol=1e-4)
+        assert (grad.double() - want[2]).abs().max() < 1e-2
+print("triton interpreter checks passed")
