@@ -52,6 +52,7 @@ def test_dry_run_carries_the_paper_hyperparameters(task, recipe):
             assert flag(line, "--criterion") == "label_smoothed_cross_entropy" and "--log-end" not in line
         assert ("--share-all-embeddings" in line) == (task == "fr-en")
     assert sorted(int(flag(line, "--seed")) for line in train) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert all(flag(line, "--keep-last-epochs") == "10" for line in train)
     averages = [line for line in lines if "el_fairseq.checkpoints" in line]
     assert len(averages) == 10 and all(flag(line, "--num-epoch-checkpoints") == "10" for line in averages)
     evals = [line for line in lines if "el_fairseq.evaluate" in line]
