@@ -7,7 +7,6 @@ generate, score, report) into OUT (default results/demo): RESULTS.md, results.js
 import argparse
 import os
 import subprocess
-import sys
 import time
 
 from .evaluate import fairseq_tool

@@ -4,7 +4,6 @@
     python scripts/analyze_margins.py --path ce/avg.pt:CE,el/avg.pt:EL --data DATA_BIN [--subset test] --out DIR
 """
 import argparse
-import json
 import os
 import sys
 

@@ -1,7 +1,6 @@
 """Multi-worker contract on CPU (gloo): two workers, half a batch each, gradients all-reduced and
 logging outputs summed (logging_outputs_can_be_summed), equal the whole batch in one process.
 fairseq's own launcher needs CUDA devices, so torch.distributed is driven directly."""
-import os
 import socket
 
 import pytest

@@ -6,7 +6,6 @@ Registered as `encouraging_loss` and `encouraging_label_smoothed_cross_entropy` 
 `label_smoothed_cross_entropy_with_diagnostics`: fairseq's LS-CE, numerically unchanged, that also
 logs the margin/energy diagnostics so CE baselines can be compared with EL runs.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 

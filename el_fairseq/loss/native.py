@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
 
 import torch
 
