@@ -37,9 +37,9 @@ def parse_generate(output):
     """({id: hypothesis}, {id: reference}, tokenized BLEU) from fairseq-generate's stdout."""
     hyps, refs, bleu = {}, {}, None
     for line in output.splitlines():
-        if line.startswith("H-"):
-            key, _, text = line.split("\t", 2) if line.count("\t") >= 2 else (line.split("\t")[0], "", "")
-            hyps[int(key[2:])] = text
+        if line.startswith("H-"):  # H-id <tab> score <tab> text
+            key, _, rest = line.partition("\t")
+            hyps[int(key[2:])] = rest.partition("\t")[2]
         elif line.startswith("T-"):
             key, _, text = line.partition("\t")
             refs[int(key[2:])] = text

@@ -94,14 +94,20 @@ def _subword_nmt_stages(stages, first, prep, tmp, src, tgt, merges):
         for s in ("train", "valid", "test") for l in (src, tgt)] and "BPE applied")
 
 
-def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, force=False):
-    src, tgt, pair = "de", "en", "de-en"
-    prep = os.path.join(dest, "iwslt14.tokenized.de-en")
-    tmp = os.path.join(prep, "tmp")
-    data_bin = os.path.join(dest, "data-bin", "iwslt14.tokenized.de-en")
+def _iwslt_setup(dest, name, archive_path, urls, force):
+    """(text folder, its tmp/, data-bin folder, stages, archive path) of an IWSLT preparation; the
+    archive is only looked for (and downloaded) while the extraction stage is still to do."""
+    prep = os.path.join(dest, name)
     stages = Stages(prep, force)
     if not stages.done("1-extract"):
-        archive_path = _archive_path(archive_path, IWSLT14_URLS, dest)
+        archive_path = _archive_path(archive_path, urls, dest)
+    return prep, os.path.join(prep, "tmp"), os.path.join(dest, "data-bin", name), stages, archive_path
+
+
+def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, force=False):
+    src, tgt, pair = "de", "en", "de-en"
+    prep, tmp, data_bin, stages, archive_path = _iwslt_setup(dest, "iwslt14.tokenized.de-en", archive_path,
+                                                             IWSLT14_URLS, force)
     stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT14_DROP, IWSLT14_TEST, tmp, workers, True)
 
     def split():
@@ -117,12 +123,8 @@ def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, f
 
 def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, force=False):
     src, tgt, pair = "fr", "en", "fr-en"
-    prep = os.path.join(dest, "iwslt17.fr-en")
-    tmp = os.path.join(prep, "tmp")
-    data_bin = os.path.join(dest, "data-bin", "iwslt17.fr-en")
-    stages = Stages(prep, force)
-    if not stages.done("1-extract"):
-        archive_path = _archive_path(archive_path, IWSLT17_URLS, dest)
+    prep, tmp, data_bin, stages, archive_path = _iwslt_setup(dest, "iwslt17.fr-en", archive_path,
+                                                             IWSLT17_URLS, force)
     stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT17_DROP, IWSLT17_VALID + IWSLT17_TEST,
                tmp, workers, False)
 

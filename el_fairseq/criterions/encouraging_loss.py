@@ -109,6 +109,18 @@ class _DiagnosticsMixin:
             logging_output["total"] = utils.item(total.data)
         return sample_size, logging_output
 
+    def _logits_and_target(self, model, net_output, sample):
+        """Raw logits (B, T, V) when the decoder's output is a plain projection, else None."""
+        decoder = getattr(model, "decoder", None)
+        if getattr(decoder, "adaptive_softmax", None) is not None:
+            return None, None
+        logits = net_output[0]
+        target = model.get_targets(sample, net_output)
+        if self.ignore_prefix_size > 0:
+            logits = logits[:, self.ignore_prefix_size:, :]
+            target = target[:, self.ignore_prefix_size:]
+        return logits, target
+
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
@@ -166,18 +178,6 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
         sample_size, logging_output = self._logging_output(model, net_output, sample, loss, nll_loss, extra)
         return loss, sample_size, logging_output
 
-    def _logits_and_target(self, model, net_output, sample):
-        """Raw logits (B, T, V) when the decoder's output is a plain projection, else None."""
-        decoder = getattr(model, "decoder", None)
-        if getattr(decoder, "adaptive_softmax", None) is not None:
-            return None, None
-        logits = net_output[0]
-        target = model.get_targets(sample, net_output)
-        if self.ignore_prefix_size > 0:
-            logits = logits[:, self.ignore_prefix_size:, :]
-            target = target[:, self.ignore_prefix_size:]
-        return logits, target
-
     def compute_loss(self, model, net_output, sample, reduce=True):
         spec = self.current_spec()
         logits, target = self._logits_and_target(model, net_output, sample)
@@ -187,11 +187,10 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
 
             loss, nll = encouraging_nll_loss(lprobs, target, self.eps, spec, self.padding_idx, reduce)
             return loss, nll, {}
-        loss, nll, stats = encouraging_loss(
-            logits, target, self.eps, spec, ignore_index=self.padding_idx, reduce=False,
-            impl=self.el_impl, with_stats=True,
-        )
-        extra = summarize(stats, nll, target, self.padding_idx) if self.log_diagnostics else {}
+        out = encouraging_loss(logits, target, self.eps, spec, ignore_index=self.padding_idx, reduce=False,
+                               impl=self.el_impl, with_stats=self.log_diagnostics)
+        loss, nll = out[:2]
+        extra = summarize(out[2], nll, target, self.padding_idx) if self.log_diagnostics else {}
         if reduce:
             loss, nll = loss.sum(), nll.sum()
         return loss, nll, extra
@@ -219,10 +218,8 @@ class LabelSmoothedCrossEntropyWithDiagnostics(_DiagnosticsMixin, LabelSmoothedC
         loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx,
                                                  reduce=reduce)
         extra = {}
-        if getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is None:
-            logits = net_output[0]
-            if self.ignore_prefix_size > 0:
-                logits = logits[:, self.ignore_prefix_size:, :]
+        logits, _ = self._logits_and_target(model, net_output, sample)
+        if logits is not None:
             safe = target.masked_fill(target.eq(self.padding_idx), 0)
             nll = -lprobs.detach().gather(-1, safe.unsqueeze(-1)).squeeze(-1)
             extra = summarize(token_stats_from_logits(logits.detach(), target, self.padding_idx), nll, target,

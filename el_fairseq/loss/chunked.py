@@ -97,53 +97,31 @@ def _chunk_forward(z, y, epsilon, spec: BonusSpec):
     return loss, nll, stats, grad
 
 
-class ChunkedEncouragingLoss(torch.autograd.Function):
-    """Per-token (loss, nll, stats) from logits (N, V); the gradient is computed in forward."""
-
-    @staticmethod
-    def forward(ctx, logits, target, epsilon, spec, ignore_index):
-        n_rows, vocab = logits.shape
-        loss = logits.new_zeros(n_rows, dtype=compute_dtype(logits.dtype))
-        nll = torch.zeros_like(loss)
-        stats = logits.new_zeros(n_rows, 2, dtype=loss.dtype)
-        # Written row by row below; padding rows stay zero.
-        grad = torch.zeros_like(logits) if ignore_index is not None else torch.empty_like(logits)
-        keep = target.ne(ignore_index) if ignore_index is not None else None
-        step = chunk_rows(vocab)
-        work = compute_dtype(logits.dtype)
-        for start in range(0, n_rows, step):
-            rows = slice(start, min(start + step, n_rows))
-            z, y = logits[rows], target[rows]
-            if keep is not None:
-                k = keep[rows]
-                if not bool(k.any()):
-                    continue
-                if not bool(k.all()):
-                    sel = k.nonzero().squeeze(-1)
-                    out = _chunk_forward(z[sel].to(work), y[sel], epsilon, spec)
-                    for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
-                        dst.index_copy_(0, sel, src.to(dst.dtype))
-                    continue
-            out = _chunk_forward(z.to(work), y, epsilon, spec)
-            for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
-                dst.copy_(src)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(nll, stats)
-        return loss, nll, stats
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_nll, grad_stats):
-        (grad,) = ctx.saved_tensors
-        # Scaling in place: this buffer is the gradient's only copy (no second (N, V) tensor).
-        # A reduced loss gives a stride-0 grad_loss, so one multiply by a scalar suffices.
-        if grad_loss.numel() > 0 and grad_loss.stride(0) == 0:
-            grad.mul_(grad_loss[0].to(grad.dtype))
-        else:
-            grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
-        return grad, None, None, None, None
-
-
-def chunked_encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None):
-    """Per-token (loss, nll, stats[z_y, margin]) with a fused backward. logits: (N, V)."""
-    return ChunkedEncouragingLoss.apply(logits, target, epsilon, spec, ignore_index)
+def forward(logits, target, epsilon, spec: BonusSpec, ignore_index=None):
+    """(loss, nll, stats, grad) from logits (N, V), chunk by chunk; padding rows stay zero."""
+    n_rows, vocab = logits.shape
+    logits = logits.detach()
+    work = compute_dtype(logits.dtype)
+    loss = logits.new_zeros(n_rows, dtype=work)
+    nll = torch.zeros_like(loss)
+    stats = logits.new_zeros(n_rows, 2, dtype=work)
+    grad = torch.zeros_like(logits) if ignore_index is not None else torch.empty_like(logits)
+    keep = target.ne(ignore_index) if ignore_index is not None else None
+    step = chunk_rows(vocab)
+    for start in range(0, n_rows, step):
+        rows = slice(start, min(start + step, n_rows))
+        z, y = logits[rows], target[rows]
+        if keep is not None:
+            k = keep[rows]
+            if not bool(k.any()):
+                continue
+            if not bool(k.all()):
+                sel = k.nonzero().squeeze(-1)
+                out = _chunk_forward(z[sel].to(work), y[sel], epsilon, spec)
+                for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
+                    dst.index_copy_(0, sel, src.to(dst.dtype))
+                continue
+        out = _chunk_forward(z.to(work), y, epsilon, spec)
+        for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
+            dst.copy_(src)
+    return loss, nll, stats, grad

@@ -15,8 +15,10 @@ import warnings
 import torch.nn.functional as F
 
 from .bonus import BonusSpec, EncouragingLossOptionError
-from .chunked import chunked_encouraging_loss, compute_dtype
+from . import chunked
+from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
+from .fused import fused_encouraging_loss
 from .reference import encouraging_nll_loss
 from . import native, triton_kernel
 
@@ -81,9 +83,8 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
     if impl in ("chunked", "native", "triton"):
-        fused = {"native": native.native_encouraging_loss, "triton": triton_kernel.triton_encouraging_loss,
-                 "chunked": chunked_encouraging_loss}[impl]
-        loss, nll, stats = fused(logits, target, epsilon, spec, ignore_index)
+        kernel = {"native": native.forward, "triton": triton_kernel.forward, "chunked": chunked.forward}[impl]
+        loss, nll, stats = fused_encouraging_loss(kernel, logits, target, epsilon, spec, ignore_index)
         if reduce:
             loss, nll = loss.sum(), nll.sum()
     else:

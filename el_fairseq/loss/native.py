@@ -16,7 +16,6 @@ import threading
 import torch
 
 from .bonus import BonusSpec, _scalar_bonus
-from .chunked import ChunkedEncouragingLoss
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel.c")
 # -ffast-math defines __FAST_MATH__, under which glibc declares the SIMD (libmvec) variants of
@@ -93,6 +92,10 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index):
     logits = logits.detach().contiguous()
     target = target.contiguous().to(torch.int64)
     n, vocab = logits.shape
+    keep = target if ignore_index is None else target[target != ignore_index]
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= vocab):  # the C code indexes with them
+        raise ValueError(f"target ids must be in [0, {vocab}) or the padding index, "
+                         f"got {int(keep.min())}..{int(keep.max())}")
     loss = torch.empty(n, dtype=torch.float32)
     nll = torch.empty(n, dtype=torch.float32)
     stats = torch.empty(n, 2, dtype=torch.float32)
@@ -107,23 +110,3 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index):
         raise MemoryError("el_fairseq native kernel: could not allocate its scratch row")
     return loss, nll, stats, grad
 
-
-class NativeEncouragingLoss(torch.autograd.Function):
-    """Per-token (loss, nll, stats) with the gradient from the compiled kernel (once-differentiable)."""
-
-    @staticmethod
-    def forward(ctx, logits, target, epsilon, spec, ignore_index):
-        keep = target if ignore_index is None else target[target != ignore_index]
-        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= logits.size(-1)):
-            raise ValueError(f"target ids must be in [0, {logits.size(-1)}) or the padding index, "
-                             f"got {int(keep.min())}..{int(keep.max())}")
-        loss, nll, stats, grad = forward(logits, target, epsilon, spec, ignore_index)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(nll, stats)
-        return loss, nll, stats
-
-    backward = staticmethod(ChunkedEncouragingLoss.backward)
-
-
-def native_encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None):
-    return NativeEncouragingLoss.apply(logits, target, epsilon, spec, ignore_index)

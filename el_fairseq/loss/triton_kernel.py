@@ -25,7 +25,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 from .bonus import BonusSpec, _scalar_bonus
-from .chunked import ChunkedEncouragingLoss
 
 KINDS = {"log": 0, "power": 1, "cosine": 2}
 FLOOR = 1e-5
@@ -185,19 +184,3 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None):
         BLOCK=block)
     return loss, nll, stats, grad
 
-
-class TritonEncouragingLoss(torch.autograd.Function):
-    """Per-token (loss, nll, stats); gradient from the kernel, scaled in place in backward."""
-
-    @staticmethod
-    def forward(ctx, logits, target, epsilon, spec, ignore_index):
-        loss, nll, stats, grad = forward(logits, target, epsilon, spec, ignore_index)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(nll, stats)
-        return loss, nll, stats
-
-    backward = staticmethod(ChunkedEncouragingLoss.backward)
-
-
-def triton_encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None):
-    return TritonEncouragingLoss.apply(logits, target, epsilon, spec, ignore_index)

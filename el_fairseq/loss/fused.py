@@ -1,0 +1,34 @@
+"""The autograd Function shared by the fused paths (chunked, native, triton).
+
+Each path's `forward(logits, target, epsilon, spec, ignore_index)` returns per-token loss, nll,
+stats and the gradient of the summed loss w.r.t. the logits, computed with the loss. Backward only
+scales that gradient, in place: it is the only (N, V) tensor kept (no second copy), which makes
+the Function once-differentiable; a second backward on the same graph raises instead of returning
+a wrong gradient (autograd's version counter sees the in-place scaling).
+"""
+import torch
+
+
+class FusedEncouragingLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, epsilon, spec, ignore_index, kernel):
+        loss, nll, stats, grad = kernel(logits, target, epsilon, spec, ignore_index)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(nll, stats)
+        return loss, nll, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_nll, grad_stats):
+        (grad,) = ctx.saved_tensors
+        # A reduced loss gives a stride-0 grad_loss, so one multiply by a scalar suffices.
+        if grad_loss.numel() > 0 and grad_loss.stride(0) == 0:
+            grad.mul_(grad_loss[0].to(grad.dtype))
+        else:
+            grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
+def fused_encouraging_loss(kernel, logits, target, epsilon, spec, ignore_index=None):
+    """Per-token (loss, nll, stats[z_y, margin]) from logits (N, V) with `kernel`'s fused gradient."""
+    return FusedEncouragingLoss.apply(logits, target, epsilon, spec, ignore_index, kernel)
