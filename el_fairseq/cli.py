@@ -50,8 +50,10 @@ def average_checkpoints(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.num_epoch_checkpoints or args.num_update_checkpoints:
-            if len(args.inputs) != 1 or not os.path.isdir(args.inputs[0]):
-                parser.error("with --num-*-checkpoints, --inputs is one folder")
+            if len(args.inputs) != 1:
+                parser.error(f"with --num-*-checkpoints, --inputs is one folder, got {len(args.inputs)} paths")
+            if not os.path.isdir(args.inputs[0]):
+                parser.error(f"--inputs {args.inputs[0]}: no such folder")
             by = "epoch" if args.num_epoch_checkpoints else "update"
             paths = last_checkpoints(args.inputs[0], args.num_epoch_checkpoints or args.num_update_checkpoints, by)
         else:
