@@ -1,11 +1,15 @@
-"""Evaluate a checkpoint: fairseq-generate (beam 5), then
+"""Evaluate a checkpoint on one test subset: fairseq-generate (beam 5), then
 (a) fairseq's tokenized BLEU, the figure the paper reports (generate's "BLEU4 = ..."), and
-(b) sacreBLEU on detokenized hypotheses against the detokenized references, with its signature.
+(b) sacreBLEU of the detokenized hypotheses against the untouched reference text that data-prep
+    keeps beside the binarised data (DATA_BIN/{subset}.raw.{tgt}, described in testsets.json),
+    lowercased (signature case:lc) where the preparation lowercased, with its signature.
 
     python -m el_fairseq.evaluate CHECKPOINT DATA_BIN [--subset test] [--remove-bpe '@@ '|sentencepiece]
                                   [--detok moses|space] [--out DIR] [--cpu]
 
-Writes OUT/{generate.txt, hyp.detok.txt, ref.detok.txt, result.json} (each via a temporary name).
+Data without raw references (prepared elsewhere) is refused for sacreBLEU: scoring against the
+tokenised, BPE-joined T- lines of fairseq-generate would not be sacreBLEU.
+Writes OUT/{generate.txt, hyp.detok.txt, ref.txt, result.json} (each via a temporary name).
 """
 import argparse
 import json
@@ -14,6 +18,7 @@ import re
 import subprocess
 import sys
 
+from . import testsets
 from .cli import user_dir
 
 BLEU_LINE = re.compile(r"BLEU4? = ([0-9.]+)")
@@ -74,6 +79,7 @@ def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses
     if not os.path.isdir(data_bin):
         raise FileNotFoundError(f"data-bin folder not found: {data_bin}")
     lang = target_lang(data_bin)
+    refs_raw, lowercase, set_name = testsets.raw_references(data_bin, subset, lang)
     cmd = fairseq_tool("fairseq-generate") + [
         data_bin, "--user-dir", user_dir(), "--path", checkpoint, "--gen-subset", subset,
         "--beam", str(beam), "--max-tokens", str(max_tokens), *extra]
@@ -87,27 +93,29 @@ def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses
     hyps, refs, tok_bleu = parse_generate(proc.stdout)
     if not hyps or tok_bleu is None:
         raise RuntimeError("fairseq-generate printed no hypotheses or no BLEU line")
+    if sorted(refs) != list(range(len(refs_raw))):
+        raise RuntimeError(f"fairseq-generate scored {len(refs)} sentences of {subset} but its raw references "
+                           f"have {len(refs_raw)} lines: the data folder is inconsistent")
     ids = sorted(refs)
     detok_fn = detokenizer(detok, lang)
     hyp_detok = [detok_fn(hyps.get(i, "")) for i in ids]
-    ref_detok = [detok_fn(refs[i]) for i in ids]
 
     from sacrebleu.metrics import BLEU
 
-    bleu = BLEU()
-    score = bleu.corpus_score(hyp_detok, [ref_detok])
+    bleu = BLEU(lowercase=lowercase)
+    score = bleu.corpus_score(hyp_detok, [refs_raw])
     result = {
         "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data_bin), "subset": subset,
-        "sentences": len(ids), "beam": beam, "remove_bpe": remove_bpe, "detok": detok,
+        "test_set": set_name, "sentences": len(ids), "beam": beam, "remove_bpe": remove_bpe, "detok": detok,
         "tokenized_bleu": tok_bleu,
         "sacrebleu": {"score": round(score.score, 2), "signature": str(bleu.get_signature()),
-                      "text": str(score)},
+                      "text": str(score), "reference": f"{subset}.raw.{lang}"},
     }
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(os.path.join(out_dir, "generate.txt"), proc.stdout)
         write_atomic(os.path.join(out_dir, "hyp.detok.txt"), "".join(h + "\n" for h in hyp_detok))
-        write_atomic(os.path.join(out_dir, "ref.detok.txt"), "".join(r + "\n" for r in ref_detok))
+        write_atomic(os.path.join(out_dir, "ref.txt"), "".join(r + "\n" for r in refs_raw))
         write_atomic(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1) + "\n")
     return result
 
@@ -130,6 +138,7 @@ def main(argv=None):
                           cpu=args.cpu, beam=args.beam)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         parser.error(str(err))
+    print(f"{args.subset} = {result['test_set']}")
     print(f"tokenized BLEU (fairseq, as in the paper) = {result['tokenized_bleu']:.2f}")
     print(f"sacreBLEU = {result['sacrebleu']['score']:.2f}  {result['sacrebleu']['signature']}")
     print(json.dumps(result))

@@ -21,6 +21,9 @@ class Recipe:
     update_freq: int
     max_update: int
     warmup_updates: int = 4000
+    max_epoch: int = 0  # > 0: stop after this many epochs (CPU recipes count epochs, not updates)
+    avg_last: int = 10  # epoch checkpoints averaged by the reproduction (the paper: 10)
+    eval_bleu: bool = True  # validation BLEU each epoch, best checkpoint by BLEU (else by valid NLL)
     remove_bpe: str = "@@ "  # fairseq-generate --remove-bpe / --eval-bleu-remove-bpe
     detok: str = "moses"
     extra: List[str] = field(default_factory=list)
@@ -49,6 +52,24 @@ RECIPES = {
         dropout=0.3, max_tokens=4096, update_freq=1, max_update=4000, warmup_updates=1000,
         description="Multi30k (29k sentence pairs), transformer_iwslt_de_en; minutes on one GPU",
     ),
+    # Multi30k on a 2-core CPU in about 15 minutes a run (both directions). Why this model: measured
+    # on this kind of machine (fairseq-train --cpu, 2 threads, ~3,500 target tokens a batch),
+    # transformer_iwslt_de_en trains at ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN
+    # 1024 at ~3,300 tokens/s, and 2+2 layers of 256 dimensions with FFN 512 at ~5,500 tokens/s
+    # (~80 s an epoch of 126 updates), which reaches mid-30s BLEU on test2016 in about 10 epochs.
+    # Validation BLEU (beam search over 1,014 sentences each epoch) would add about a third to the
+    # time, so the best checkpoint is chosen by validation NLL, which CE and EL both log the same way;
+    # the report averages the last 5 of the 10 epoch checkpoints.
+    "multi30k-cpu": Recipe(
+        name="multi30k-cpu",
+        arch_flags=["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+                    "--encoder-embed-dim", "256", "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "512",
+                    "--decoder-ffn-embed-dim", "512", "--encoder-attention-heads", "4",
+                    "--decoder-attention-heads", "4", "--share-decoder-input-output-embed"],
+        lr=1e-3, weight_decay=1e-4, dropout=0.3, max_tokens=4096, update_freq=1, max_update=0, max_epoch=10,
+        warmup_updates=400, avg_last=5, eval_bleu=False,
+        description="Multi30k on a CPU: 2+2-layer 256-dim transformer (FFN 512), 10 epochs, ~15 min on 2 cores",
+    ),
     # CPU demo on the generated corpus (el_fairseq.synthetic): a tiny model, no BLEU-based selection.
     "demo": Recipe(
         name="demo",
@@ -57,7 +78,7 @@ RECIPES = {
                     "--decoder-ffn-embed-dim", "256", "--encoder-attention-heads", "4",
                     "--decoder-attention-heads", "4", "--share-decoder-input-output-embed"],
         lr=2e-3, weight_decay=1e-4, dropout=0.1, max_tokens=2048, update_freq=1, max_update=300,
-        warmup_updates=100, remove_bpe="", detok="space",
+        warmup_updates=100, remove_bpe="", detok="space", avg_last=5, eval_bleu=False,
         description="generated toy language pair (el_fairseq.synthetic), 2+2-layer 64-dim transformer, CPU",
     ),
 }
@@ -98,10 +119,13 @@ def train_command(recipe_name, loss, seed, data, save_dir, n_gpus=0, precision="
            "--weight-decay", str(r.weight_decay), "--lr", str(r.lr), "--dropout", str(r.dropout),
            *loss_flags,
            "--max-tokens", str(r.max_tokens), "--update-freq", str(scaled_update_freq(r.update_freq, n_gpus)),
-           "--max-update", str(r.max_update),
+           *(["--max-update", str(r.max_update)] if r.max_update else []),
+           *(["--max-epoch", str(r.max_epoch)] if r.max_epoch else []),
            "--save-dir", save_dir, "--seed", str(seed),
            "--keep-interval-updates", "10", "--log-format", "json"]
-    if recipe_name != "demo":
+    if not r.eval_bleu:
+        cmd += ["--best-checkpoint-metric", "nll_loss"]
+    else:
         cmd += ["--eval-bleu", "--eval-bleu-args", EVAL_BLEU_ARGS, "--eval-bleu-detok", r.detok,
                 "--eval-bleu-remove-bpe", *([r.remove_bpe] if r.remove_bpe != "@@ " else []),
                 "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",

@@ -1,11 +1,15 @@
 """CE vs EL over seeds: train, average the last epoch checkpoints, evaluate, report.
 
-    python -m el_fairseq.reproduce de-en|fr-en|multi30k [--seeds 1-5] [--data DIR] [--out DIR]
+    python -m el_fairseq.reproduce TARGET [--seeds 1-5] [--data DIR] [--out DIR] [--only train]
                                    [--dry-run] [--cpu] [--precision fp16] [FAIRSEQ FLAGS...]
+
+TARGET: a recipe with its language pair (iwslt14-de-en, iwslt17-fr-en, multi30k-de-en,
+multi30k-fr-en, multi30k-cpu-de-en, multi30k-cpu-fr-en, demo) or the short names de-en, fr-en.
+Every test subset of the data folder (DATA/testsets.json) is evaluated and named.
 
 Resumable: a run with SAVE_DIR/DONE is not trained again (an unfinished one resumes from its
 checkpoint_last.pt), an existing average or result.json is kept. --dry-run prints every command.
-Layout: OUT/{ce,el}_seed{N}/ (checkpoints, train.log, avg_last{K}.pt, eval_avg/, eval_best/),
+Layout: OUT/{ce,el}_seed{N}/ (checkpoints, train.log, avg_last{K}.pt, eval_{avg,best}[_SUBSET]/),
 then OUT/RESULTS.md, OUT/results.json and OUT/*.png from el_fairseq.report.
 """
 import argparse
@@ -13,17 +17,23 @@ import os
 import subprocess
 import sys
 
+from . import testsets
 from .cli import user_dir
 from .evaluate import fairseq_tool
 from .recipes import RECIPES, quote, train_command
 from .train import DONE, visible_gpus
 
+# target -> (recipe, default data folder made by data-prep/)
 TASKS = {
-    "de-en": ("iwslt14-de-en", "data/data-bin/iwslt14.tokenized.de-en", "moses"),
-    "fr-en": ("iwslt17-fr-en", "data/data-bin/iwslt17.fr-en", "moses"),
-    "multi30k": ("multi30k", "data/data-bin/multi30k.de-en", "moses"),
-    "demo": ("demo", "results/demo/data-bin", "space"),
+    "iwslt14-de-en": ("iwslt14-de-en", "data/data-bin/iwslt14.tokenized.de-en"),
+    "iwslt17-fr-en": ("iwslt17-fr-en", "data/data-bin/iwslt17.fr-en"),
+    "multi30k-de-en": ("multi30k", "data/data-bin/multi30k.de-en"),
+    "multi30k-fr-en": ("multi30k", "data/data-bin/multi30k.fr-en"),
+    "multi30k-cpu-de-en": ("multi30k-cpu", "data/data-bin/multi30k.de-en"),
+    "multi30k-cpu-fr-en": ("multi30k-cpu", "data/data-bin/multi30k.fr-en"),
+    "demo": ("demo", "results/demo/data-bin"),
 }
+ALIASES = {"de-en": "iwslt14-de-en", "fr-en": "iwslt17-fr-en", "multi30k": "multi30k-de-en"}
 LOSSES = ("ce", "el")
 
 
@@ -41,10 +51,11 @@ def parse_seeds(text):
     return seeds
 
 
-def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=10, extra=()):
-    """[(description, done_marker_or_None, command)] for the whole reproduction."""
-    recipe, _, detok = TASKS[task]
-    remove_bpe = RECIPES[recipe].remove_bpe
+def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=None, extra=(), only=None):
+    """[(description, done_marker_or_None, command[, shown command])] for the whole reproduction
+    (only the training steps with only='train')."""
+    recipe = RECIPES[TASKS[task][0]]
+    avg_last = avg_last or recipe.avg_last
     py = sys.executable
     steps = []
     for loss in LOSSES:
@@ -53,24 +64,29 @@ def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=10, extra
             # Only the last avg_last epoch checkpoints are used: keep no more (each is ~450 MiB for
             # transformer_iwslt_de_en with its Adam state). Training itself is unaffected.
             keep = ["--keep-last-epochs", str(avg_last)]
-            train = [py, "-m", "el_fairseq.train", "--recipe", recipe, "--loss", loss, "--seed", str(seed),
+            train = [py, "-m", "el_fairseq.train", "--recipe", recipe.name, "--loss", loss, "--seed", str(seed),
                      "--data", data, "--save-dir", run, "--precision", precision, *(["--cpu"] if cpu else []),
                      *keep, *extra]
             # --dry-run shows the fairseq-train command itself; running goes through the wrapper (log, DONE).
             shown = fairseq_tool("fairseq-train") + train_command(
-                recipe, loss, seed, data, run, visible_gpus(cpu), precision, [*keep, *extra], user_dir=user_dir())
+                recipe.name, loss, seed, data, run, visible_gpus(cpu), precision, [*keep, *extra], user_dir=user_dir())
             steps.append((f"train {loss} seed {seed}", os.path.join(run, DONE), train, shown))
+            if only == "train":
+                continue
             avg = os.path.join(run, f"avg_last{avg_last}.pt")
             steps.append((f"average {loss} seed {seed}", avg,
                           [py, "-m", "el_fairseq.checkpoints", "--inputs", run, "--num-epoch-checkpoints",
                            str(avg_last), "--output", avg]))
             for kind, ckpt in (("avg", avg), ("best", os.path.join(run, "checkpoint_best.pt"))):
-                ev = os.path.join(run, f"eval_{kind}")
-                steps.append((f"evaluate {loss} seed {seed} {kind}", os.path.join(ev, "result.json"),
-                              [py, "-m", "el_fairseq.evaluate", ckpt, data, "--subset", "test",
-                               "--remove-bpe", remove_bpe, "--detok", detok, "--out", ev, *(["--cpu"] if cpu else [])]))
-    steps.append(("report", None, [py, "-m", "el_fairseq.report", out, "--task", task, "--data", data,
+                for subset in testsets.subsets(data):
+                    ev = os.path.join(run, f"eval_{kind}_{subset}")
+                    steps.append((f"evaluate {loss} seed {seed} {kind} {subset}", os.path.join(ev, "result.json"),
+                                  [py, "-m", "el_fairseq.evaluate", ckpt, data, "--subset", subset,
+                                   "--remove-bpe", recipe.remove_bpe, "--detok", recipe.detok, "--out", ev,
                                    *(["--cpu"] if cpu else [])]))
+    if only != "train":
+        steps.append(("report", None, [py, "-m", "el_fairseq.report", out, "--task", task, "--data", data,
+                                       *(["--cpu"] if cpu else [])]))
     return steps
 
 
@@ -90,24 +106,30 @@ def execute(steps, dry_run=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("task", metavar="TARGET", help=", ".join([*TASKS, *ALIASES]))
     parser.add_argument("--seeds", default="1-5")
     parser.add_argument("--data", help="data-bin folder (default: where data-prep puts it)")
-    parser.add_argument("--out", help="results folder (default: results/<task>)")
-    parser.add_argument("--avg-last", type=int, default=10, help="epoch checkpoints to average (paper: 10)")
+    parser.add_argument("--out", help="results folder (default: results/<target>)")
+    parser.add_argument("--avg-last", type=int, help="epoch checkpoints to average (default: the recipe's; paper: 10)")
     parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--only", choices=["train"], help="run the training steps only")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
     args, extra = parser.parse_known_args(argv)
+    task = ALIASES.get(args.task, args.task)
+    if task not in TASKS:
+        parser.error(f"target {args.task!r} is not known: allowed {', '.join([*TASKS, *ALIASES])}")
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as err:
         parser.error(str(err))
-    data = args.data or TASKS[args.task][1]
+    if args.avg_last is not None and args.avg_last < 1:
+        parser.error(f"--avg-last {args.avg_last} is out of range: allowed >= 1")
+    data = args.data or TASKS[task][1]
     out = args.out or os.path.join("results", args.task)
     if not args.dry_run and not os.path.isdir(data):
         parser.error(f"--data: no such folder {data} (prepare it with data-prep/, see README)")
-    execute(plan(args.task, seeds, data, out, args.cpu, args.precision, args.avg_last, extra), args.dry_run)
+    execute(plan(task, seeds, data, out, args.cpu, args.precision, args.avg_last, extra, args.only), args.dry_run)
 
 
 if __name__ == "__main__":

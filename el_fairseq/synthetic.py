@@ -6,6 +6,9 @@ and a little local reordering. Deterministic in its seed; used by the tests and 
 """
 import os
 import random
+import shutil
+import subprocess
+import sys
 
 NOUNS = [f"n{i}" for i in range(24)]
 ADJECTIVES = [f"a{i}" for i in range(12)]
@@ -68,3 +71,22 @@ def write_corpus(dest, sizes=(("train", 4000), ("valid", 200), ("test", 200)), s
                 f.writelines(p[col] + "\n" for p in pairs)
             os.replace(path + ".tmp", path)
     return dest
+
+
+def binarize(raw, data_bin, src="src", tgt="tgt", workers=1):
+    """fairseq-preprocess RAW/{train,valid,test}.{src,tgt} into DATA_BIN (via a temporary name), with
+    the test references kept as raw text for sacreBLEU (el_fairseq.testsets). Returns DATA_BIN."""
+    from . import testsets
+
+    tool = os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess")
+    cmd = [tool] if os.path.exists(tool) else [sys.executable, "-m", "fairseq_cli.preprocess"]
+    tmp = data_bin + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(cmd + ["--source-lang", src, "--target-lang", tgt, "--trainpref", os.path.join(raw, "train"),
+                          "--validpref", os.path.join(raw, "valid"), "--testpref", os.path.join(raw, "test"),
+                          "--destdir", tmp, "--workers", str(workers)], check=True, capture_output=True)
+    testsets.write(tmp, src, tgt, {"test": ("generated test", {l: os.path.join(raw, f"test.{l}") for l in (src, tgt)})},
+                   lowercased=False)
+    shutil.rmtree(data_bin, ignore_errors=True)
+    os.replace(tmp, data_bin)
+    return data_bin

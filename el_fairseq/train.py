@@ -6,14 +6,17 @@
 GPUs: fp16 by default; fairseq's own distributed training uses every visible GPU, and the
 update frequency is divided by the GPU count so the effective batch stays the recipe's.
 Unknown flags go to fairseq-train unchanged (and override the recipe's: argparse keeps the last).
-The log is appended to SAVE_DIR/train.log; SAVE_DIR/DONE marks a finished run. Re-running an
+The log is appended to SAVE_DIR/train.log; SAVE_DIR/provenance.json records the command, versions
+and machine; SAVE_DIR/DONE (holding the command) marks a finished run. Re-running an
 unfinished run resumes from SAVE_DIR/checkpoint_last.pt (fairseq's default --restore-file).
 """
 import argparse
 import os
 import subprocess
 import sys
+import time
 
+from . import provenance
 from .cli import user_dir
 from .evaluate import fairseq_tool
 from .recipes import LOSS_FLAGS, RECIPES, quote, train_command
@@ -60,7 +63,10 @@ def run_logged(cmd, log_path):
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("# " + quote(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        # fairseq logs to stdout, which a pipe would buffer in 8 KiB blocks: unbuffered, the log and
+        # the terminal show each line (and the progress) as it happens.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
@@ -77,6 +83,11 @@ def train(args, extra):
     if os.path.exists(os.path.join(args.save_dir, DONE)):
         print(f"{args.save_dir}: finished already ({DONE} present), nothing to do")
         return 0
+    os.makedirs(args.save_dir, exist_ok=True)
+    prov = os.path.join(args.save_dir, "provenance.json")
+    earlier = provenance.read(prov)
+    provenance.write(prov, command=quote(cmd), started=(earlier or {}).get("started", time.time()),
+                     resumed=bool(earlier))
     rc = run_logged(cmd, os.path.join(args.save_dir, "train.log"))
     if rc == 0:
         with open(os.path.join(args.save_dir, DONE), "w") as f:

@@ -23,11 +23,9 @@ def run(tool, *args, cwd=None, check=True):
 @pytest.fixture(scope="session")
 def data_bin(tmp_path_factory):
     """The generated toy corpus, binarised by fairseq-preprocess: ROOT/bin."""
-    from el_fairseq.synthetic import write_corpus
+    from el_fairseq.synthetic import binarize, write_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     write_corpus(str(root / "raw"), sizes=(("train", 1500), ("valid", 100), ("test", 100)))
-    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
-        "--trainpref", str(root / "raw/train"), "--validpref", str(root / "raw/valid"),
-        "--testpref", str(root / "raw/test"), "--destdir", str(root / "bin"), "--workers", "1")
+    binarize(str(root / "raw"), str(root / "bin"))
     return root

@@ -154,23 +154,52 @@ def test_iwslt17_fr_en_is_cased_with_sentencepiece_and_joined_dictionary(tmp_pat
     assert list(load_binarized(str(data_bin), "valid", "fr", "en")) == [counts["TED.dev2010"]] * 2
 
 
-def test_multi30k_from_a_local_folder(tmp_path):
+def test_multi30k_from_a_local_folder_with_every_test_set(tmp_path):
+    import json
+
     rng = random.Random(5)
     raw = tmp_path / "raw"
     raw.mkdir()
-    for name, n in (("train", 60), ("val", 7), ("test_2016_flickr", 9)):
+    sizes = (("train", 60), ("val", 7), ("test_2016_flickr", 9), ("test_2017_flickr", 6), ("test_2018_flickr", 5))
+    for name, n in sizes:
         for lang in ("de", "en"):
+            if name == "test_2018_flickr" and lang == "en":
+                continue  # a set without its reference file is skipped
             with gzip.open(raw / f"{name}.{lang}.gz", "wt", encoding="utf-8") as f:
-                f.write("".join(sentence(rng) + "\n" for _ in range(n)))
+                f.write("".join(sentence(rng).capitalize() + "\n" for _ in range(n)))
     proc = prep("prepare-multi30k.sh", "--src", "de", "--raw-dir", str(raw), "--dest", str(tmp_path / "out"),
                 "--bpe-size", "30")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test_2018_flickr: no de and en files" in proc.stdout and "test_2017_mscoco: no de and en" in proc.stdout
     text = tmp_path / "out" / "multi30k.de-en"
-    assert [len(lines(text / f"{s}.en")) for s in ("train", "valid", "test")] == [60, 7, 9]
+    assert [len(lines(text / f"{s}.en")) for s in ("train", "valid", "test", "test1")] == [60, 7, 9, 6]
     assert all(l == l.lower() for l in lines(text / "train.de"))
-    assert list(load_binarized(str(tmp_path / "out" / "data-bin" / "multi30k.de-en"), "test", "de", "en")) == [9, 9]
+    data_bin = tmp_path / "out" / "data-bin" / "multi30k.de-en"
+    assert list(load_binarized(str(data_bin), "test", "de", "en")) == [9, 9]
+    assert list(load_binarized(str(data_bin), "test1", "de", "en")) == [6, 6]
+    info = json.loads((data_bin / "testsets.json").read_text())
+    assert {k: v["name"] for k, v in info["subsets"].items()} == {"test": "test_2016_flickr", "test1": "test_2017_flickr"}
+    assert info["lowercased"] is True
+    with gzip.open(raw / "test_2017_flickr.en.gz", "rt", encoding="utf-8") as f:
+        assert lines(data_bin / "test1.raw.en") == f.read().splitlines()  # untouched: cased, untokenised
+    assert "test1: test_2017_flickr (6 sentences)" in proc.stdout
     bad = prep("prepare-multi30k.sh", "--src", "es", "--raw-dir", str(raw), "--dest", str(tmp_path / "o2"))
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --src 'es' is not available: allowed de, fr"
+
+    # A rerun with another --bpe-size rebuilds the BPE stages and what follows, and says why.
+    again = prep("prepare-multi30k.sh", "--src", "de", "--raw-dir", str(raw), "--dest", str(tmp_path / "out"),
+                 "--bpe-size", "5")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1-extract: done already, skipped" in again.stdout
+    assert "2-learn-bpe: made from other inputs before (bpe_size: 30 -> 5), rebuilding" in again.stdout
+    assert "4-binarize: made from other inputs before" in again.stdout
+    assert len(lines(text / "code")) == 1 + 5  # '#version' line + 5 merges
+    # ... and a changed input file rebuilds from the first stage.
+    with gzip.open(raw / "val.en.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(sentence(rng) + "\n" for _ in range(7)))
+    third = prep("prepare-multi30k.sh", "--src", "de", "--raw-dir", str(raw), "--dest", str(tmp_path / "out"),
+                 "--bpe-size", "5")
+    assert third.returncode == 0 and "1-extract: made from other inputs before (inputs_sha256:" in third.stdout
 
 
 @pytest.mark.parametrize("case,message", [

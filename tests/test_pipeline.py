@@ -61,6 +61,40 @@ def test_dry_run_carries_the_paper_hyperparameters(task, recipe):
     assert "el_fairseq.report" in lines[-1]
 
 
+@pytest.mark.parametrize("pair", ["de-en", "fr-en"])
+def test_cpu_recipe_dry_run_through_the_one_front(pair, tmp_path):
+    from el_fairseq import testsets
+
+    data = tmp_path / "bin"
+    data.mkdir()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    src = pair.split("-")[0]
+    for name in ("a", "b"):
+        for lang in (src, "en"):
+            (raw / f"{name}.{lang}").write_text("x\ny\n")
+    testsets.write(str(data), src, "en", {"test": ("test_2016_flickr", {l: str(raw / f"a.{l}") for l in (src, "en")}),
+                                          "test1": ("test_2017_flickr", {l: str(raw / f"b.{l}") for l in (src, "en")})},
+                   lowercased=True)
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce.sh"), f"multi30k-cpu-{pair}", "--data",
+                          str(data), "--seeds", "1-3", "--dry-run"], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    train = [line for line in lines if "fairseq-train" in line]
+    assert len(train) == 6 and all(flag(line, "--max-epoch") == "10" and "--max-update" not in line for line in train)
+    assert all(flag(line, "--encoder-layers") == "2" and flag(line, "--encoder-ffn-embed-dim") == "512" and
+               flag(line, "--best-checkpoint-metric") == "nll_loss" and "--eval-bleu" not in line and "--cpu" in line
+               for line in train)
+    evals = [line for line in lines if "el_fairseq.evaluate" in line]
+    assert len(evals) == 6 * 2 * 2  # runs x {avg, best} x {test, test1}
+    assert {flag(e, "--subset") for e in evals} == {"test", "test1"}
+    assert all(flag(e, "--out").endswith(f"_{flag(e, '--subset')}") for e in evals)
+    averages = [line for line in lines if "el_fairseq.checkpoints" in line]
+    assert all(flag(line, "--num-epoch-checkpoints") == "5" for line in averages)
+    bad = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce.sh"), "multi30k-cpu-xx-en", "--dry-run"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "target 'multi30k-cpu-xx-en' is not known: allowed iwslt14-de-en" in bad.stderr
+
+
 @pytest.mark.parametrize("gpus,update_freq", [(1, "4"), (2, "2"), (4, "1")])
 def test_update_freq_keeps_the_effective_batch_on_more_gpus(gpus, update_freq):
     cmd = train_command("iwslt14-de-en", "el", 1, "DATA", "SAVE", n_gpus=gpus)
@@ -78,35 +112,78 @@ def test_bf16_cpu_and_bad_gpu_count():
         train_command("wmt", "el", 1, "D", "S")
 
 
-def write_result(folder, tok, sacre):
+def write_result(folder, tok, sacre, subset="test", name="test_2016_flickr", hyps=None, refs=None):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "result.json"), "w") as f:
         json.dump({"checkpoint": os.path.join(os.path.dirname(folder), "x.pt"), "tokenized_bleu": tok,
-                   "sacrebleu": {"score": sacre, "signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp"}}, f)
+                   "subset": subset, "test_set": name,
+                   "sacrebleu": {"score": sacre, "signature": "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"}},
+                  f)
+    for fname, lines in (("hyp.detok.txt", hyps), ("ref.txt", refs)):
+        if lines is not None:
+            with open(os.path.join(folder, fname), "w") as f:
+                f.writelines(line + "\n" for line in lines)
 
 
-def test_report_mean_std_and_delta_on_hand_made_results(tmp_path):
+def test_report_mean_std_and_delta_per_subset_on_hand_made_results(tmp_path):
     ce, el = [30.0, 31.0, 32.0], [31.5, 32.5, 34.5]
     for seed, (c, e) in enumerate(zip(ce, el), 1):
         for kind in ("avg", "best"):
-            write_result(str(tmp_path / f"ce_seed{seed}" / f"eval_{kind}"), c, c - 1)
-            write_result(str(tmp_path / f"el_seed{seed}" / f"eval_{kind}"), e, e - 1)
+            write_result(str(tmp_path / f"ce_seed{seed}" / f"eval_{kind}_test"), c, c - 1)
+            write_result(str(tmp_path / f"el_seed{seed}" / f"eval_{kind}_test"), e, e - 1)
+            write_result(str(tmp_path / f"ce_seed{seed}" / f"eval_{kind}_test1"), c - 5, c - 6, "test1", "test_2017_flickr")
+            write_result(str(tmp_path / f"el_seed{seed}" / f"eval_{kind}_test1"), e - 7, e - 8, "test1", "test_2017_flickr")
     results = report(str(tmp_path), "de-en", margins=False)
-    avg = results["table"]["avg/tokenized_bleu"]
+    avg = results["table"]["test/avg/tokenized_bleu"]
     assert avg["ce"]["mean"] == pytest.approx(31.0) and avg["ce"]["std"] == pytest.approx(1.0)
     assert avg["el"]["mean"] == pytest.approx(32.8333333) and avg["el"]["std"] == pytest.approx(1.5275252)
     assert avg["delta"] == pytest.approx(1.8333333)
-    assert results["table"]["best/sacrebleu"]["delta"] == pytest.approx(1.8333333)
-    assert results["table"]["avg/sacrebleu"]["ce"]["mean"] == pytest.approx(30.0)
+    assert results["table"]["test/best/sacrebleu"]["delta"] == pytest.approx(1.8333333)
+    assert results["table"]["test1/avg/tokenized_bleu"]["delta"] == pytest.approx(1.8333333 - 2)
+    assert results["subsets"] == {"test": "test_2016_flickr", "test1": "test_2017_flickr"}
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "31.00 ± 1.00 (n=3)" in md and "+1.83" in md and "35.09" in md and "35.50" in md
+    assert "## test: test_2016_flickr" in md and "## test1: test_2017_flickr" in md
+    assert "31.00 ± 1.00 (n=3)" in md and "+1.83" in md and "-0.17" in md and "35.09" in md and "35.50" in md
+    assert "label_smoothed_cross_entropy --label-smoothing 0.1" in md and "--criterion encouraging_loss" in md
     assert (tmp_path / "bleu_per_seed.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["paper"] == {"ce": 35.09, "el": 35.50}
 
 
+def test_paired_significance_gives_the_difference_with_its_interval(tmp_path):
+    import random
+
+    from sacrebleu.metrics import BLEU
+
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(30)]
+    refs = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(150)]
+
+    def degrade(ref, p):  # drop the last words of a share p of the sentences
+        return ref if rng.random() > p else " ".join(ref.split()[:8])
+    for seed, (p_ce, p_el) in enumerate([(0.6, 0.2), (0.5, 0.2)], 1):
+        hyp_ce, hyp_el = [degrade(r, p_ce) for r in refs], [degrade(r, p_el) for r in refs]
+        for loss, hyp in (("ce", hyp_ce), ("el", hyp_el)):
+            score = BLEU(lowercase=True).corpus_score(hyp, [refs]).score
+            write_result(str(tmp_path / f"{loss}_seed{seed}" / "eval_avg_test"), score, score, hyps=hyp, refs=refs)
+    results = report(str(tmp_path), "multi30k-cpu-de-en", margins=False)
+    sig = results["paired_significance"]["test"]
+    for seed in (1, 2):
+        b = sig["per_seed"][seed]
+        assert b["delta"] == pytest.approx(b["el"]["score"] - b["ce"]["score"]) and b["delta"] > 3
+        lo, hi = b["delta_ci95"]
+        assert 0 < lo < b["delta"] < hi  # a clear win: the interval excludes 0
+        assert b["p_value_bootstrap"] < 0.01 and b["p_value_ar"] < 0.01
+    pooled = sig["pooled"]
+    assert pooled["seeds"] == 2 and pooled["delta"] == pytest.approx(
+        (sig["per_seed"][1]["delta"] + sig["per_seed"][2]["delta"]) / 2)
+    assert pooled["delta_ci95"][0] > 0 and pooled["delta_ci95"][1] - pooled["delta_ci95"][0] < max(
+        sig["per_seed"][s]["delta_ci95"][1] - sig["per_seed"][s]["delta_ci95"][0] for s in (1, 2))
+    assert "| pooled (2 seeds) |" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_aggregate_single_seed_has_zero_std_and_missing_loss_has_no_delta():
-    table = aggregate({"ce": {1: {"avg": {"tokenized_bleu": 20.0, "sacrebleu": {"score": 19.0}}}}})
-    assert table["avg/tokenized_bleu"]["ce"]["std"] == 0.0 and "delta" not in table["avg/tokenized_bleu"]
+    table = aggregate({"ce": {1: {("avg", "test"): {"tokenized_bleu": 20.0, "sacrebleu": {"score": 19.0}}}}})
+    assert table["test/avg/tokenized_bleu"]["ce"]["std"] == 0.0 and "delta" not in table["test/avg/tokenized_bleu"]
 
 
 def test_reproduction_runs_then_skips_finished_work(data_bin, tmp_path):
@@ -118,7 +195,11 @@ def test_reproduction_runs_then_skips_finished_work(data_bin, tmp_path):
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "skipped" not in first.stdout
     results = json.loads((out / "results.json").read_text())
-    assert results["table"]["avg/tokenized_bleu"]["ce"]["n"] == 1 and "delta" in results["table"]["avg/tokenized_bleu"]
+    assert results["table"]["test/avg/tokenized_bleu"]["ce"]["n"] == 1
+    assert "delta" in results["table"]["test/avg/tokenized_bleu"]
+    run = results["runs"]["el_seed1"]
+    assert "--criterion encouraging_loss" in run["command"] and run["machine"]["cpu_cores"] >= 1
+    assert run["versions"]["torch"] and run["epochs"] == 2 and run["tokens_per_s"] > 0
     assert set(results["margins"]["checkpoints"]) == {"CE", "EL"}
     assert (out / "RESULTS.md").exists() and (out / "valid_curves.png").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)

@@ -5,7 +5,7 @@ import shutil
 
 from . import archive, bpe, text
 from .binarize import fairseq_preprocess
-from .common import PrepError, Stages, check_parallel, log, read_lines, write_lines
+from .common import PrepError, Stages, check_parallel, log, read_lines, sha256, tool_versions, write_lines
 
 IWSLT14_URLS = ["https://wit3.fbk.eu/archive/2014-01/texts/de/en/de-en.tgz",
                 "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"]
@@ -21,7 +21,11 @@ IWSLT17_VALID = ["IWSLT17.TED.dev2010"]
 IWSLT17_TEST = [f"IWSLT17.TED.tst{y}" for y in range(2010, 2016)]
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{name}.gz"
-MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+MULTI30K_SPLITS = {"train": "train", "valid": "val"}
+# The official test sets, binarised as fairseq subsets test, test1, ... in this order when present.
+MULTI30K_TESTS = ["test_2016_flickr", "test_2017_flickr", "test_2017_mscoco", "test_2018_flickr"]
+# Bumped when a change here changes the prepared text: a stage made by an older version is rebuilt.
+PREP_VERSION = 2
 
 
 def _report(folder, langs, splits=("train", "valid", "test")):
@@ -42,8 +46,8 @@ def _extract_iwslt(archive_path, pair, src, tgt, drop, sets, tmp, workers, lower
     tar, names = archive.open_archive(archive_path)
     train = {}
     for lang in (src, tgt):
-        lines = archive.train_tags_lines(archive.read_member(tar, names, f"train.tags.{pair}.{lang}", archive_path),
-                                         drop)
+        lines = text.train_tags_lines(archive.read_member(tar, names, f"train.tags.{pair}.{lang}", archive_path),
+                                      drop)
         log(f"train.tags.{pair}.{lang}: {len(lines):,} lines after dropping tag lines; tokenising")
         train[lang] = text.tokenize(lines, lang, workers)
     if len(train[src]) != len(train[tgt]):
@@ -58,7 +62,8 @@ def _extract_iwslt(archive_path, pair, src, tgt, drop, sets, tmp, workers, lower
     for name in sets:
         counts = []
         for lang in (src, tgt):
-            lines = archive.xml_segments(archive.read_member(tar, names, f"{name}.{pair}.{lang}.xml", archive_path))
+            lines, raw = text.xml_segments(archive.read_member(tar, names, f"{name}.{pair}.{lang}.xml", archive_path))
+            write_lines(os.path.join(tmp, f"{name}.raw.{lang}"), raw)
             lines = text.tokenize(lines, lang, workers)
             counts.append(write_lines(os.path.join(tmp, f"{name}.{lang}"), text.lowercase(lines) if lower else lines))
         if counts[0] != counts[1]:
@@ -76,55 +81,79 @@ def _split_every_23rd(tmp, langs):
         write_lines(os.path.join(tmp, f"train.{lang}"), (l for i, l in enumerate(lines, 1) if i % 23 != 0))
 
 
-def _concat_sets(tmp, sets, split, langs):
-    for lang in langs:
-        write_lines(os.path.join(tmp, f"{split}.{lang}"),
-                    (line for name in sets for line in read_lines(os.path.join(tmp, f"{name}.{lang}"))))
+def _concat_sets(tmp, sets, split, langs, raw=False):
+    """cat the sets' files into SPLIT.{lang} (and, with raw, their untouched text into SPLIT.raw.{lang})."""
+    for kind in (("", ".raw") if raw else ("",)):
+        for lang in langs:
+            write_lines(os.path.join(tmp, f"{split}{kind}.{lang}"),
+                        (line for name in sets for line in read_lines(os.path.join(tmp, f"{name}{kind}.{lang}"))))
 
 
-def _subword_nmt_stages(stages, first, prep, tmp, src, tgt, merges):
+def _subword_nmt_stages(stages, first, prep, tmp, src, tgt, merges, tests=("test",)):
     """Learn joint subword-nmt BPE on train.{src,tgt} and apply it to every split (stage numbers
     from `first`); the codes stay in PREP/code."""
     codes = os.path.join(prep, "code")
     stages.run(f"{first}-learn-bpe", lambda: bpe.learn_subword_nmt(
         [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], merges, codes) or
-        f"subword-nmt, {merges} merges, joint {src}+{tgt}")
+        f"subword-nmt, {merges} merges, joint {src}+{tgt}", inputs={"bpe_size": merges})
     stages.run(f"{first + 1}-apply-bpe", lambda: [
         bpe.apply_subword_nmt(codes, os.path.join(tmp, f"{s}.{l}"), os.path.join(prep, f"{s}.{l}"))
-        for s in ("train", "valid", "test") for l in (src, tgt)] and "BPE applied")
+        for s in ("train", "valid", *tests) for l in (src, tgt)] and "BPE applied")
 
 
-def _iwslt_setup(dest, name, archive_path, urls, force):
+def write_testsets(data_bin, prep, src, tgt, subsets, lowercased, bpe_kind):
+    """Copy each test subset's raw text beside the binarised data and describe the subsets in
+    DATA_BIN/testsets.json (el_fairseq.testsets): evaluation scores sacreBLEU against these
+    untouched references, lowercased when the preparation lowercased."""
+    from el_fairseq import testsets
+
+    info = testsets.write(data_bin, src, tgt, {
+        subset: (name, {l: os.path.join(prep, "tmp", f"{subset}.raw.{l}") for l in (src, tgt)})
+        for subset, name in subsets.items()}, lowercased, bpe=bpe_kind, prep_version=PREP_VERSION)
+    for subset, item in info["subsets"].items():
+        log(f"{subset}: {item['name']} ({item['sentences']:,} sentences)")
+
+
+def _iwslt_setup(dest, name, archive_path, urls, force, options):
     """(text folder, its tmp/, data-bin folder, stages, archive path) of an IWSLT preparation; the
     archive is only looked for (and downloaded) while the extraction stage is still to do."""
     prep = os.path.join(dest, name)
-    stages = Stages(prep, force)
-    if not stages.done("1-extract"):
+    if archive_path is None:
         archive_path = _archive_path(archive_path, urls, dest)
+    if not os.path.isfile(archive_path):
+        raise PrepError(f"archive not found: {archive_path}")
+    stages = Stages(prep, force, {"prep_version": PREP_VERSION, "tools": tool_versions(),
+                                  "archive_sha256": sha256(archive_path), **options})
     return prep, os.path.join(prep, "tmp"), os.path.join(dest, "data-bin", name), stages, archive_path
 
 
 def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, force=False):
     src, tgt, pair = "de", "en", "de-en"
     prep, tmp, data_bin, stages, archive_path = _iwslt_setup(dest, "iwslt14.tokenized.de-en", archive_path,
-                                                             IWSLT14_URLS, force)
+                                                             IWSLT14_URLS, force, {})
     stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT14_DROP, IWSLT14_TEST, tmp, workers, True)
 
     def split():
         _split_every_23rd(tmp, (src, tgt))
-        _concat_sets(tmp, IWSLT14_TEST, "test", (src, tgt))
+        _concat_sets(tmp, IWSLT14_TEST, "test", (src, tgt), raw=True)
         return "valid = every 23rd train line; test = " + " + ".join(IWSLT14_TEST)
 
     stages.run("2-split", split)
     _subword_nmt_stages(stages, 3, prep, tmp, src, tgt, bpe_size)
-    stages.run("5-binarize", lambda: fairseq_preprocess(prep, src, tgt, data_bin, workers) or data_bin)
+
+    def binarize():
+        fairseq_preprocess(prep, src, tgt, data_bin, workers)
+        write_testsets(data_bin, prep, src, tgt, {"test": "+".join(IWSLT14_TEST)}, True, "subword_nmt")
+        return data_bin
+
+    stages.run("5-binarize", binarize)
     return _report(prep, (src, tgt)), data_bin
 
 
 def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, force=False):
     src, tgt, pair = "fr", "en", "fr-en"
     prep, tmp, data_bin, stages, archive_path = _iwslt_setup(dest, "iwslt17.fr-en", archive_path,
-                                                             IWSLT17_URLS, force)
+                                                             IWSLT17_URLS, force, {})
     stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT17_DROP, IWSLT17_VALID + IWSLT17_TEST,
                tmp, workers, False)
 
@@ -132,14 +161,14 @@ def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, f
         for lang in (src, tgt):
             shutil.copyfile(os.path.join(tmp, f"train.tags.{lang}"), os.path.join(tmp, f"train.{lang}"))
         _concat_sets(tmp, IWSLT17_VALID, "valid", (src, tgt))
-        _concat_sets(tmp, IWSLT17_TEST, "test", (src, tgt))
+        _concat_sets(tmp, IWSLT17_TEST, "test", (src, tgt), raw=True)
         return "valid = " + " + ".join(IWSLT17_VALID) + "; test = " + " + ".join(IWSLT17_TEST)
 
     stages.run("2-split", split)
     model = os.path.join(prep, "spm")
     stages.run("3-learn-bpe", lambda: bpe.learn_sentencepiece(
         [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], bpe_size, model) or
-        f"sentencepiece BPE, vocabulary {bpe_size}, joint fr+en")
+        f"sentencepiece BPE, vocabulary {bpe_size}, joint fr+en", inputs={"bpe_size": bpe_size})
     stages.run("4-apply-bpe", lambda: [bpe.apply_sentencepiece(model + ".model", os.path.join(tmp, f"{s}.{l}"),
                                                                os.path.join(prep, f"{s}.{l}"))
                                        for s in ("train", "valid", "test") for l in (src, tgt)] and "pieces applied")
@@ -147,6 +176,7 @@ def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, f
     def binarize():
         fairseq_preprocess(prep, src, tgt, data_bin, workers, joined=True)
         shutil.copyfile(model + ".model", os.path.join(data_bin, "spm.model"))
+        write_testsets(data_bin, prep, src, tgt, {"test": "+".join(IWSLT17_TEST)}, False, "sentencepiece")
         return data_bin + " (joined dictionary, spm.model beside it)"
 
     stages.run("5-binarize", binarize)
@@ -157,10 +187,37 @@ def _read_gz(path):
     if not os.path.isfile(path):
         raise PrepError(f"missing Multi30k file: {path}")
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read().splitlines()
+        with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+            return text.split_lines(f.read())
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise PrepError(f"corrupt gzip file {path}: {err}") from None
+
+
+def _multi30k_files(raw_dir, dest, src, tgt):
+    """{official name: folder} of the splits to use: train, val, test_2016_flickr required, the other
+    test sets where both sides exist (downloaded when no --raw-dir is given)."""
+    folder = raw_dir or os.path.join(dest, "multi30k-raw")
+    if raw_dir is not None and not os.path.isdir(raw_dir):
+        raise PrepError(f"--raw-dir {raw_dir}: no such folder")
+    found = []
+    for name in [*MULTI30K_SPLITS.values(), *MULTI30K_TESTS]:
+        required = name in MULTI30K_SPLITS.values() or name == MULTI30K_TESTS[0]
+        for lang in (src, tgt):
+            path = os.path.join(folder, f"{name}.{lang}.gz")
+            if raw_dir is None and not os.path.exists(path):
+                try:
+                    archive.fetch([MULTI30K_URL.format(name=f"{name}.{lang}")], path)
+                except PrepError:
+                    if required:
+                        raise
+        if all(os.path.isfile(os.path.join(folder, f"{name}.{l}.gz")) for l in (src, tgt)):
+            found.append(name)
+        elif required:
+            missing = [f"{name}.{l}.gz" for l in (src, tgt) if not os.path.isfile(os.path.join(folder, f"{name}.{l}.gz"))]
+            raise PrepError(f"missing Multi30k file: {os.path.join(folder, missing[0])}")
+        else:
+            log(f"{name}: no {src} and {tgt} files in {folder}, skipped")
+    return folder, found
 
 
 def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, workers=2, force=False):
@@ -170,29 +227,34 @@ def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, worker
     prep = os.path.join(dest, f"multi30k.{src}-en")
     tmp = os.path.join(prep, "tmp")
     data_bin = os.path.join(dest, "data-bin", f"multi30k.{src}-en")
-    stages = Stages(prep, force)
+    folder, names = _multi30k_files(raw_dir, dest, src, tgt)
+    tests = [n for n in names if n in MULTI30K_TESTS]
+    subsets = {("test" if i == 0 else f"test{i}"): name for i, name in enumerate(tests)}
+    checksums = {f"{n}.{l}.gz": sha256(os.path.join(folder, f"{n}.{l}.gz")) for n in names for l in (src, tgt)}
+    stages = Stages(prep, force, {"prep_version": PREP_VERSION, "tools": tool_versions(), "src": src,
+                                  "inputs_sha256": checksums})
 
     def extract():
-        folder = raw_dir or os.path.join(dest, "multi30k-raw")
-        for name in MULTI30K_SPLITS.values():
-            for lang in (src, tgt):
-                path = os.path.join(folder, f"{name}.{lang}.gz")
-                if raw_dir is None and not os.path.exists(path):
-                    archive.fetch([MULTI30K_URL.format(name=f"{name}.{lang}")], path)
         counts = {}
-        for split, name in MULTI30K_SPLITS.items():
-            lines = {}
-            for lang in (src, tgt):
-                lines[lang] = _read_gz(os.path.join(folder, f"{name}.{lang}.gz"))
+        for split, name in [*MULTI30K_SPLITS.items(), *[(s, n) for s, n in subsets.items()]]:
+            lines = {lang: _read_gz(os.path.join(folder, f"{name}.{lang}.gz")) for lang in (src, tgt)}
             if len(lines[src]) != len(lines[tgt]):
                 raise PrepError(f"{folder}/{name}.{src}.gz has {len(lines[src])} lines but "
                                 f"{name}.{tgt}.gz has {len(lines[tgt])}")
             for lang in (src, tgt):
+                if split.startswith("test"):
+                    write_lines(os.path.join(tmp, f"{split}.raw.{lang}"), lines[lang])
                 write_lines(os.path.join(tmp, f"{split}.{lang}"), text.lowercase(text.tokenize(lines[lang], lang, workers)))
-            counts[split] = len(lines[src])
+            counts[f"{split} ({name})" if split.startswith("test") else split] = len(lines[src])
         return ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " (tokenised, lowercased)"
 
     stages.run("1-extract", extract)
-    _subword_nmt_stages(stages, 2, prep, tmp, src, tgt, bpe_size)
-    stages.run("4-binarize", lambda: fairseq_preprocess(prep, src, tgt, data_bin, workers) or data_bin)
-    return _report(prep, (src, tgt)), data_bin
+    _subword_nmt_stages(stages, 2, prep, tmp, src, tgt, bpe_size, tests=tuple(subsets))
+
+    def binarize():
+        fairseq_preprocess(prep, src, tgt, data_bin, workers, tests=tuple(subsets))
+        write_testsets(data_bin, prep, src, tgt, subsets, True, "subword_nmt")
+        return data_bin
+
+    stages.run("4-binarize", binarize)
+    return _report(prep, (src, tgt), ("train", "valid", *subsets)), data_bin

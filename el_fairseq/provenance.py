@@ -1,0 +1,111 @@
+"""How a result was made: versions, the machine, the el-fairseq revision; a run's time and speed.
+
+Written by el_fairseq.train into SAVE_DIR/provenance.json at the start of a run and read by the
+report, so that results.json says which command, code and machine produced each number.
+"""
+import json
+import os
+import platform
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _version(dist):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def git_revision():
+    """The el-fairseq checkout's commit, '+dirty' when tracked files differ from it; None outside git."""
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    """CPU model and usable cores; GPU names and count when CUDA is visible."""
+    out = {"cpu": cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count(), "platform": platform.platform()}
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(n)]
+    except Exception:  # noqa: BLE001  (a broken CUDA set-up must not stop the record)
+        out["gpus"] = []
+    return out
+
+
+def versions():
+    import sys
+
+    return {"python": sys.version.split()[0], "torch": _version("torch"),
+            "fairseq": _version("fairseq") or _version("ve-fairseq") or _version("fairseq-fixed"),
+            "sacrebleu": _version("sacrebleu"), "el-fairseq": _version("el-fairseq"), "el-fairseq_git": git_revision()}
+
+
+def record():
+    return {"versions": versions(), "machine": machine()}
+
+
+def write(path, **fields):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({**record(), **fields}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read(path):
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def training_speed(log_path):
+    """From fairseq's json log: {'epochs', 'wall_s', 'train_wall_s', 'tokens_per_s'} of the run
+    (tokens/s over the whole run: every epoch has the same tokens, so the harmonic mean of the
+    epochs' wps), or None."""
+    epochs = {}
+    if not os.path.exists(log_path):
+        return None
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if "| train | " not in line:
+                continue
+            try:
+                rec = json.loads(line.split("| train | ", 1)[1])
+                epochs[int(rec["epoch"])] = rec
+            except (ValueError, KeyError):
+                continue
+    if not epochs:
+        return None
+    # epoch summaries prefix every key with "train_": train_wall is the run's wall clock so far,
+    # train_train_wall the time spent in training steps.
+    last = epochs[max(epochs)]
+    wps = [float(r["train_wps"]) for r in epochs.values() if float(r.get("train_wps", 0)) > 0]
+    return {"epochs": len(epochs), "wall_s": float(last.get("train_wall", 0)),
+            "train_wall_s": float(last.get("train_train_wall", 0)),
+            "tokens_per_s": len(wps) / sum(1 / w for w in wps) if wps else None}
