@@ -5,10 +5,10 @@
    We give fairseq.checkpoint_utils, and only it, a `torch` whose load() defaults to
    weights_only=False. That covers fairseq-generate, resuming training and model loading; these
    files are the user's own checkpoints, the trust model fairseq was written for.
-2. ve-fairseq 0.12.3's compiled batch_by_size drops the last remainder batch when
-   --required-batch-size-multiple > 1 (the default is 8): 100 test sentences gave 96 batched
-   ones, so fairseq-generate scored only part of a test set. The dropped indices are appended
-   again as final batches (bounded by --max-tokens / --batch-size).
+2. ve-fairseq 0.12.3's data_utils.batch_by_size drops the last batch when its size is not a
+   multiple of --required-batch-size-multiple (default 8): 100 test sentences gave 96 batched
+   ones, so fairseq-generate scored only part of a test set. We call the same cython batching
+   and keep every batch.
 3. An out-of-range criterion option raises EncouragingLossOptionError; fairseq's command-line
    tools would print it under a traceback wall. A chained sys.excepthook prints that error
    alone, as one line, and exits with status 2 like argparse does.
@@ -46,30 +46,29 @@ def patch_fairseq_checkpoint_loading():
         checkpoint_utils.torch = _TorchWithTrustedLoad()
 
 
-def _with_remainder(batch_by_size):
+def _keeping_the_last_batch(batch_by_size):
+    """fairseq's batch_by_size without the line that drops the last batch: the same cython batching
+    (batch_by_size_vec / batch_by_size_fn), every batch returned. `num_tokens_vec` is aligned with
+    `indices` by position, as fairseq passes it (FairseqDataset.num_tokens_vec(indices)); fixed
+    shapes go to fairseq's own code unchanged."""
     import numpy as np
 
     def patched(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
                 required_batch_size_multiple=1, fixed_shapes=None):
-        batches = batch_by_size(indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
-                                required_batch_size_multiple, fixed_shapes)
-        indices = np.asarray(indices, dtype=np.int64)
-        if fixed_shapes is not None or sum(len(b) for b in batches) >= len(indices):
-            return batches
-        seen = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
-        batches = list(batches)
-        current, longest = [], 0
-        for idx in indices[~np.isin(indices, seen)]:
-            size = int(num_tokens_vec[idx]) if num_tokens_vec is not None else int(num_tokens_fn(idx))
-            grown = max(longest, size) * (len(current) + 1)
-            if current and ((max_tokens and grown > max_tokens) or (max_sentences and len(current) >= max_sentences)):
-                batches.append(np.array(current, dtype=np.int64))
-                current, longest = [], 0
-            current.append(int(idx))
-            longest = max(longest, size)
-        if current:
-            batches.append(np.array(current, dtype=np.int64))
-        return batches
+        if fixed_shapes is not None:
+            return batch_by_size(indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
+                                 required_batch_size_multiple, fixed_shapes)
+        from fairseq.data.data_utils_fast import batch_by_size_fn, batch_by_size_vec
+
+        max_tokens = int(max_tokens) if max_tokens is not None else -1
+        max_sentences = max_sentences if max_sentences is not None else -1
+        if not isinstance(indices, np.ndarray):
+            indices = np.fromiter(indices, dtype=np.int64, count=-1)
+        if num_tokens_vec is None:
+            return batch_by_size_fn(indices, num_tokens_fn, max_tokens, max_sentences, required_batch_size_multiple)
+        if not isinstance(num_tokens_vec, np.ndarray):
+            num_tokens_vec = np.fromiter(num_tokens_vec, dtype=np.int64, count=-1)
+        return batch_by_size_vec(indices, num_tokens_vec, max_tokens, max_sentences, required_batch_size_multiple)
 
     patched._el_fairseq = True
     return patched
@@ -81,7 +80,7 @@ def patch_fairseq_batching():
     except ImportError:
         return
     if not getattr(data_utils.batch_by_size, "_el_fairseq", False):
-        data_utils.batch_by_size = _with_remainder(data_utils.batch_by_size)
+        data_utils.batch_by_size = _keeping_the_last_batch(data_utils.batch_by_size)
 
 
 def _one_line_option_errors(previous_hook):

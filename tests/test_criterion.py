@@ -146,19 +146,3 @@ def test_ls_ce_with_diagnostics_is_fairseq_ls_ce():
     el = loss_and_grad(build("encouraging_loss", label_smoothing=0.1), sample)
     for key in ("margin_sum", "energy_sum", "p_y_sum", "well_classified", "diag_tokens"):
         assert torch.allclose(torch.as_tensor(ours[2][key]).double(), torch.as_tensor(el[2][key]).double(), rtol=1e-5)
-
-
-def test_batching_keeps_the_remainder_batch():
-    """ve-fairseq's compiled batch_by_size drops the last batch when it is not a multiple of
-    required_batch_size_multiple; the plugin restores it (generate must score every sentence)."""
-    import numpy as np
-    from fairseq.data import data_utils
-
-    sizes = np.array([10] * 95 + [40] * 5)
-    for kwargs in ({"max_tokens": 4000}, {"max_sentences": 50}, {"max_tokens": 100}):
-        batches = data_utils.batch_by_size(np.arange(100), lambda i: sizes[i], num_tokens_vec=sizes,
-                                           required_batch_size_multiple=8, **kwargs)
-        flat = np.concatenate(batches)
-        assert sorted(flat.tolist()) == list(range(100))
-        if "max_tokens" in kwargs:
-            assert all(len(b) * sizes[b].max() <= kwargs["max_tokens"] for b in batches)
