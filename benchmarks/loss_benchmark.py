@@ -1,5 +1,6 @@
-"""Time and peak memory of forward+backward through fairseq's criterion interface:
-fairseq's label_smoothed_cross_entropy vs the encouraging loss (reference and fused paths).
+"""Time and peak memory through fairseq's criterion interface, fairseq's label_smoothed_cross_entropy
+vs the encouraging loss (reference and fused paths): forward+backward (training) and the forward
+alone under torch.no_grad (validation, where the fused paths compute no gradient).
 
     python -m benchmarks.loss_benchmark [--tokens 4096] [--vocabs 10000 32000] [--threads 1]
                                         [--repeats 7] [--device cpu|cuda] [--json OUT]
@@ -31,7 +32,7 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(impl, tokens, vocab, repeats, device, threads):
+def worker(impl, tokens, vocab, repeats, device, threads, mode="train"):
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -45,7 +46,9 @@ def worker(impl, tokens, vocab, repeats, device, threads):
     criterion = build(name, vocab=vocab, **kwargs)
 
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(1, tokens, vocab, generator=g) * 4).to(device).requires_grad_(True)
+    # Filled in place: a temporary here would raise the RSS high-water mark before `base` is read
+    # and hide up to one N x V tensor of the step's own peak.
+    logits = torch.empty(1, tokens, vocab).normal_(generator=g).mul_(4).to(device).requires_grad_(True)
     target = torch.randint(4, vocab, (1, tokens), generator=g).to(device)
     target[0, -tokens // 20:] = PAD  # 5% padding, as in real batches
 
@@ -66,8 +69,12 @@ def worker(impl, tokens, vocab, repeats, device, threads):
 
     def step():
         logits.grad = None
-        loss, _, _ = criterion(model, sample)
-        loss.backward()
+        if mode == "train":
+            loss, _, _ = criterion(model, sample)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                criterion(model, sample)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -86,7 +93,7 @@ def worker(impl, tokens, vocab, repeats, device, threads):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"impl": impl, "vocab": vocab, "tokens": tokens, "device": device,
+    return {"impl": impl, "vocab": vocab, "tokens": tokens, "device": device, "mode": mode,
             "median_s": statistics.median(times), "peak_extra_bytes": max(peak, 0)}
 
 
@@ -114,12 +121,15 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                         help="all = CPU, and CUDA when present")
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "VOCAB"), help=argparse.SUPPRESS)
+    parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"],
+                        help="train = forward+backward; eval = forward under torch.no_grad")
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "VOCAB", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         device = "cpu" if args.device == "all" else args.device
-        print(json.dumps(worker(args.worker[0], args.tokens, int(args.worker[1]), args.repeats, device, args.threads)))
+        print(json.dumps(worker(args.worker[0], args.tokens, int(args.worker[1]), args.repeats, device, args.threads,
+                                args.worker[2])))
         return
 
     import torch
@@ -128,28 +138,30 @@ def main(argv=None):
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     rows = []
     for device in devices:
-        print(f"\n{device.upper()}: {describe_machine(device, args.threads)}")
-        print(f"forward+backward through the criterion, {args.tokens} target tokens, float32 logits, "
-              f"label smoothing 0.1, EL defaults (log bonus, LE 0.5, eps_b 0.1); median of {args.repeats}")
-        print(f"{'vocab':>7} {'implementation':<20} {'time ms':>9} {'x LS-CE':>8} {'peak MiB':>9} {'x LS-CE':>8}")
-        for vocab in args.vocabs:
-            base = None
-            for impl in IMPLS[device]:
-                cmd = [sys.executable, "-m", "benchmarks.loss_benchmark", "--worker", impl, str(vocab),
-                       "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
-                       "--device", device]
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                     cwd=os.path.join(os.path.dirname(__file__), ".."))
-                if out.returncode != 0:
-                    raise SystemExit(f"benchmark worker {impl} V={vocab} failed:\n{out.stderr[-2000:]}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                base = base or row
-                row["time_ratio"] = row["median_s"] / base["median_s"]
-                row["memory_ratio"] = row["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
-                rows.append(row)
-                print(f"{vocab:>7} {LABELS[impl]:<20} {row['median_s'] * 1e3:>9.1f} {row['time_ratio']:>8.2f} "
-                      f"{row['peak_extra_bytes'] / 2**20:>9.1f} {row['memory_ratio']:>8.2f}", flush=True)
+        for mode in args.modes:
+            print(f"\n{device.upper()}: {describe_machine(device, args.threads)}")
+            what = "forward+backward" if mode == "train" else "forward under torch.no_grad (validation)"
+            print(f"{what} through the criterion, {args.tokens} target tokens, float32 logits, "
+                  f"label smoothing 0.1, EL defaults (log bonus, LE 0.5, eps_b 0.1); median of {args.repeats}")
+            print(f"{'vocab':>7} {'implementation':<20} {'time ms':>9} {'x LS-CE':>8} {'peak MiB':>9} {'x LS-CE':>8}")
+            for vocab in args.vocabs:
+                base = None
+                for impl in IMPLS[device]:
+                    cmd = [sys.executable, "-m", "benchmarks.loss_benchmark", "--worker", impl, str(vocab), mode,
+                           "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
+                           "--device", device]
+                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                         cwd=os.path.join(os.path.dirname(__file__), ".."))
+                    if out.returncode != 0:
+                        raise SystemExit(f"benchmark worker {impl} V={vocab} failed:\n{out.stderr[-2000:]}")
+                    row = json.loads(out.stdout.strip().splitlines()[-1])
+                    base = base or row
+                    row["time_ratio"] = row["median_s"] / base["median_s"]
+                    row["memory_ratio"] = row["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
+                    rows.append(row)
+                    print(f"{vocab:>7} {LABELS[impl]:<20} {row['median_s'] * 1e3:>9.1f} {row['time_ratio']:>8.2f} "
+                          f"{row['peak_extra_bytes'] / 2**20:>9.1f} {row['memory_ratio']:>8.2f}", flush=True)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump({"machine": {d: describe_machine(d, args.threads) for d in devices}, "rows": rows}, f, indent=1)

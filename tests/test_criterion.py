@@ -76,8 +76,10 @@ def test_out_of_range_options_are_refused_with_one_line(option, value, message):
 
 
 def test_power_gamma_and_schedule_horizon_are_checked():
-    with pytest.raises(EncouragingLossOptionError, match="--bonus-gamma 0.0 is out of range: allowed gamma > 0"):
+    with pytest.raises(EncouragingLossOptionError, match="--bonus-gamma 0.0 is out of range: allowed gamma >= 1"):
         build("encouraging_loss", bonus="power", bonus_gamma=0.0)
+    with pytest.raises(EncouragingLossOptionError, match="--bonus-gamma 0.5 is out of range: allowed gamma >= 1"):
+        build("encouraging_loss", bonus="power", bonus_gamma=0.5)
     with pytest.raises(EncouragingLossOptionError, match="--bonus-schedule-updates 0 is out of range"):
         build("encouraging_loss", bonus_schedule="linear")
     with pytest.raises(EncouragingLossOptionError, match="--bonus-schedule-exp-ratio 0.0"):
@@ -146,3 +148,35 @@ def test_ls_ce_with_diagnostics_is_fairseq_ls_ce():
     el = loss_and_grad(build("encouraging_loss", label_smoothing=0.1), sample)
     for key in ("margin_sum", "energy_sum", "p_y_sum", "well_classified", "diag_tokens"):
         assert torch.allclose(torch.as_tensor(ours[2][key]).double(), torch.as_tensor(el[2][key]).double(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv,on", [([], True), (["--log-diagnostics"], True), (["--no-log-diagnostics"], False)])
+def test_diagnostics_flags_mean_what_they_say_through_fairseqs_parser(argv, on):
+    """fairseq builds the flags from the dataclass: a bool field defaulting to True would become a
+    store_false flag, so `--log-diagnostics` used to switch the diagnostics off."""
+    import el_fairseq  # noqa: F401
+    from fairseq import options
+    from fairseq.criterions import CRITERION_REGISTRY
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["DATA", "--arch", "transformer", "--criterion", "encouraging_loss",
+                                                "--label-smoothing", "0.1", *argv])
+    cfg = convert_namespace_to_omegaconf(args)
+    criterion = CRITERION_REGISTRY["encouraging_loss"].build_criterion(cfg.criterion, fairseq_task())
+    assert criterion.log_diagnostics is on
+    sample = make_sample(4, 6, VOCAB)
+    log = loss_and_grad(criterion, sample)[2]
+    assert ("margin_sum" in log) is on
+
+
+def test_diagnostics_off_from_a_hydra_config_and_contradiction_refused():
+    assert build("encouraging_loss", log_diagnostics=False).log_diagnostics is False
+    with pytest.raises(EncouragingLossOptionError, match="--log-diagnostics and --no-log-diagnostics contradict"):
+        build("encouraging_loss", log_diagnostics=True, no_log_diagnostics=True)
+
+
+def fairseq_task():
+    from fairseq_fixtures import TinyTask
+
+    return TinyTask(VOCAB)

@@ -238,3 +238,57 @@ def test_native_unavailable_falls_back_to_chunked_visibly(monkeypatch):
         got = run_impl("native", logits, target, 0.1, BonusSpec())
     assert_matches(got, run_ref64(logits, target, 0.1, BonusSpec()), rtol=1e-5)
     assert dispatch.path_for(logits, "auto") == "chunked"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("spec", [
+    BonusSpec("power", gamma=1.0, epsilon=0.1), BonusSpec("power", gamma=1.5, start=0.3, epsilon=0.1),
+    BonusSpec("cosine", epsilon=0.1), BonusSpec("cosine", start=0.4, epsilon=0.1),
+    BonusSpec("log", log_end=0.75, start=0.2, epsilon=0.1), BonusSpec("log", log_end=1.0, epsilon=0.1),
+], ids=lambda s: f"{s.kind}-g{s.gamma}-s{s.start}")
+def test_gradients_stay_finite_when_probabilities_underflow(impl, spec):
+    """One logit 120 above the rest: every other probability underflows to 0 in float32."""
+    logits, target = make_batch(24, 37, 1.0, seed=4, pad_rows=2)
+    logits[torch.arange(0, 24, 2), target[torch.arange(0, 24, 2)]] += 120.0  # right and certain
+    logits[1, (target[1] + 1) % 37] += 120.0  # wrong and certain
+    loss, nll, grad = run_impl(impl, logits, target, 0.1, spec)
+    assert torch.isfinite(loss) and torch.isfinite(nll) and torch.isfinite(grad).all()
+    assert_matches((loss, nll, grad), run_ref64(logits, target, 0.1, spec), 1e-4)
+
+
+def test_power_bonus_below_gamma_one_is_refused_with_one_line():
+    from el_fairseq.loss.bonus import EncouragingLossOptionError
+
+    with pytest.raises(EncouragingLossOptionError, match=r"^--bonus-gamma 0.5 is out of range: allowed gamma >= 1 for --bonus power$"):
+        BonusSpec("power", gamma=0.5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "native"])
+def test_no_grad_computes_the_same_loss_without_a_gradient_buffer(impl, monkeypatch):
+    """Validation runs under torch.no_grad: the fused paths must not build the N x V gradient."""
+    from el_fairseq.loss import chunked, dispatch, native
+
+    logits, target = make_batch(40, 53, 6.0, seed=9, pad_rows=5)
+    spec = BonusSpec(log_end=0.75, epsilon=0.1)
+    z = logits.clone().requires_grad_(True)
+    with_grad = encouraging_loss(z, target, 0.1, spec, ignore_index=PAD, reduce=False, impl=impl, with_stats=True)
+    calls = []
+    module = {"chunked": chunked, "native": native}[impl]
+    real = module.forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs.get("need_grad", True), out[3]))
+        return out
+    monkeypatch.setattr(module, "forward", spy)
+    monkeypatch.setattr(dispatch, module.__name__.rsplit(".", 1)[-1], module)
+    with torch.no_grad():
+        without = encouraging_loss(z, target, 0.1, spec, ignore_index=PAD, reduce=False, impl=impl, with_stats=True)
+    assert calls and all(need is False and grad is None for need, grad in calls)
+    assert not without[0].requires_grad
+    for a, b in zip(with_grad, without):
+        assert torch.equal(a.detach(), b)
+    # and with the logits not requiring a gradient at all
+    calls.clear()
+    plain = encouraging_loss(logits, target, 0.1, spec, ignore_index=PAD, reduce=False, impl=impl, with_stats=True)
+    assert calls and calls[0][0] is False and torch.equal(plain[0], without[0])

@@ -42,4 +42,10 @@ for dtype in (torch.float16, torch.bfloat16):
         assert grad.dtype == dtype and torch.isfinite(grad).all() and torch.isfinite(loss)
         assert torch.allclose(loss.double(), want[0], rtol=1e-4)
         assert (grad.double() - want[2]).abs().max() < 1e-2
+# no gradient wanted (validation): the gradient pass is skipped, the loss is unchanged
+logits, target = make_batch(19, 45, 6.0, seed=5, pad_rows=2)
+for spec in specs[:3]:
+    loss, nll, stats, grad = triton_kernel.forward(logits, target, 0.1, spec, 1, need_grad=False)
+    full = triton_kernel.forward(logits, target, 0.1, spec, 1)
+    assert grad is None and torch.equal(loss, full[0]) and torch.equal(nll, full[1]) and torch.equal(stats, full[2])
 print("triton interpreter checks passed")

@@ -23,15 +23,12 @@ from ..loss.bonus import BONUS_KINDS, SCHEDULES, BonusSpec, EncouragingLossOptio
 from ..loss.diagnostics import summarize, token_stats_from_logits
 from ..loss.dispatch import IMPLS, encouraging_loss, resolve_impl
 
-DIAGNOSTIC_KEYS = ("energy_sum", "margin_sum", "p_y_sum", "well_classified", "diag_tokens")
-
-
 @dataclass
 class EncouragingLossConfig(LabelSmoothedCrossEntropyCriterionConfig):
     bonus: ChoiceEnum(BONUS_KINDS) = field(
         default="log",
         metadata={"help": "bonus b(p): log = log(1-p) (authors' --bonus_gamma -1), power = -p^gamma "
-                  "(--bonus_gamma > 0), cosine = cos(pi p) - 1 (--bonus_gamma -2)"},
+                  "(--bonus_gamma >= 1), cosine = cos(pi p) - 1 (--bonus_gamma -2)"},
     )
     log_end: float = field(
         default=0.5,
@@ -44,7 +41,7 @@ class EncouragingLossConfig(LabelSmoothedCrossEntropyCriterionConfig):
         metadata={"help": "eps_b in [0, 1): label smoothing of the bonus (authors' --el_lb); "
                   "default: the value of --label-smoothing"},
     )
-    bonus_gamma: float = field(default=1.0, metadata={"help": "exponent gamma > 0 of --bonus power"})
+    bonus_gamma: float = field(default=1.0, metadata={"help": "exponent gamma >= 1 of --bonus power"})
     bonus_start: float = field(
         default=0.0,
         metadata={"help": "bonus start s in [0, 1): b(p) - b(s) for p >= s, 0 below (authors' --bonus_start)"},
@@ -62,12 +59,20 @@ class EncouragingLossConfig(LabelSmoothedCrossEntropyCriterionConfig):
     )
     el_impl: ChoiceEnum(IMPLS) = field(
         default="auto",
-        metadata={"help": "implementation: chunked = fused loss+gradient (memory-efficient), "
-                  "reference = plain torch; auto = chunked, or reference for adaptive softmax"},
+        metadata={"help": "auto = native (compiled C) for float32 CPU logits, triton for CUDA logits, "
+                  "chunked (fused torch ops) elsewhere; reference = plain torch with autograd (also used "
+                  "with adaptive softmax); native/triton fall back to chunked with a warning"},
     )
-    log_diagnostics: bool = field(
-        default=True,
-        metadata={"help": "log mean margin, energy, p_y and the well-classified share (p_y > 0.5)"},
+    # Diagnostics are on by default. fairseq turns a bool field whose default is True into a
+    # store_false flag, so `--log-diagnostics` would switch them off: the flag that switches them
+    # off is its own field, and log_diagnostics (None = not said) only says "on" or, from a hydra
+    # config, false = off.
+    log_diagnostics: Optional[bool] = field(
+        default=None,
+        metadata={"help": "log mean margin, energy, p_y and the well-classified share (p_y > 0.5): the default"},
+    )
+    no_log_diagnostics: bool = field(
+        default=False, metadata={"help": "do not compute or log the diagnostics"},
     )
 
 
@@ -146,7 +151,8 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
         bonus_schedule_updates=0,
         bonus_schedule_exp_ratio=5.0,
         el_impl="auto",
-        log_diagnostics=True,
+        log_diagnostics=None,
+        no_log_diagnostics=False,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         if not 0.0 <= label_smoothing < 1.0:
@@ -162,7 +168,10 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
         self.bonus_schedule_exp_ratio = bonus_schedule_exp_ratio
         scheduled_rho(bonus_rho, self.bonus_schedule, 0, bonus_schedule_updates, bonus_schedule_exp_ratio)
         self.el_impl = resolve_impl(str(el_impl))
-        self.log_diagnostics = log_diagnostics
+        if no_log_diagnostics and log_diagnostics:
+            raise EncouragingLossOptionError("--log-diagnostics and --no-log-diagnostics contradict each other: "
+                                             "pass one of them")
+        self.log_diagnostics = not no_log_diagnostics and log_diagnostics is not False
 
     def current_spec(self) -> BonusSpec:
         if self.bonus_schedule == "constant":

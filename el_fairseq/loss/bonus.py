@@ -9,7 +9,8 @@ where CE_ls is fairseq's label-smoothed cross-entropy and b is one of the bonuse
 
     log:     b(p) = log(max(1 - p, 1e-5))                   for p <= LE   (the authors' clamp)
              b(p) = (p - LE) / (LE - 1) + log(1 - LE)       for p >  LE   (tangent at LE, "conservative")
-    power:   b(p) = -p ** gamma                              (gamma > 0)
+    power:   b(p) = -p ** gamma                              (gamma >= 1: below 1, b'(p) = -gamma p^(gamma-1)
+                                                              is infinite where p underflows to 0)
     cosine:  b(p) = cos(pi * p) - 1
 
 LE ("log end") = 1 gives the plain log bonus. With a bonus start s > 0 the bonus is shifted so it
@@ -62,8 +63,10 @@ def check_bonus_options(kind, log_end, gamma, start, epsilon, rho):
         _refuse("--bonus", kind, "one of " + ", ".join(BONUS_KINDS))
     if not 0.0 < log_end <= 1.0:
         _refuse("--log-end", log_end, "0 < LE <= 1")
-    if kind == "power" and not gamma > 0.0:
-        _refuse("--bonus-gamma", gamma, "gamma > 0 for --bonus power")
+    # gamma < 1 would make b'(p) infinite at p = 0 (any probability that underflows) and every
+    # gradient NaN; the authors' --bonus_gamma is a positive integer anyway.
+    if kind == "power" and not (gamma >= 1.0 and math.isfinite(gamma)):
+        _refuse("--bonus-gamma", gamma, "gamma >= 1 for --bonus power")
     if not 0.0 <= start < 1.0:
         _refuse("--bonus-start", start, "0 <= start < 1")
     if not 0.0 <= epsilon < 1.0:

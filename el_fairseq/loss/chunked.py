@@ -97,15 +97,21 @@ def _chunk_forward(z, y, epsilon, spec: BonusSpec):
     return loss, nll, stats, grad
 
 
-def forward(logits, target, epsilon, spec: BonusSpec, ignore_index=None):
-    """(loss, nll, stats, grad) from logits (N, V), chunk by chunk; padding rows stay zero."""
+def forward(logits, target, epsilon, spec: BonusSpec, ignore_index=None, need_grad=True):
+    """(loss, nll, stats, grad) from logits (N, V), chunk by chunk; padding rows stay zero.
+    Without need_grad, grad is None and only chunk-sized temporaries are allocated."""
     n_rows, vocab = logits.shape
     logits = logits.detach()
     work = compute_dtype(logits.dtype)
     loss = logits.new_zeros(n_rows, dtype=work)
     nll = torch.zeros_like(loss)
     stats = logits.new_zeros(n_rows, 2, dtype=work)
-    grad = torch.zeros_like(logits) if ignore_index is not None else torch.empty_like(logits)
+    if not need_grad:
+        grad = None
+    elif ignore_index is not None:
+        grad = torch.zeros_like(logits)
+    else:
+        grad = torch.empty_like(logits)
     keep = target.ne(ignore_index) if ignore_index is not None else None
     step = chunk_rows(vocab)
     for start in range(0, n_rows, step):
@@ -118,10 +124,10 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index=None):
             if not bool(k.all()):
                 sel = k.nonzero().squeeze(-1)
                 out = _chunk_forward(z[sel].to(work), y[sel], epsilon, spec)
-                for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
+                for dst, src in zip((loss[rows], nll[rows], stats[rows], *([grad[rows]] if need_grad else [])), out):
                     dst.index_copy_(0, sel, src.to(dst.dtype))
                 continue
         out = _chunk_forward(z.to(work), y, epsilon, spec)
-        for dst, src in zip((loss[rows], nll[rows], stats[rows], grad[rows]), out):
+        for dst, src in zip((loss[rows], nll[rows], stats[rows], *([grad[rows]] if need_grad else [])), out):
             dst.copy_(src)
     return loss, nll, stats, grad

@@ -12,6 +12,7 @@ one-time warning, where they cannot run.
 import os
 import warnings
 
+import torch
 import torch.nn.functional as F
 
 from .bonus import BonusSpec, EncouragingLossOptionError
@@ -84,7 +85,10 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     target = target.reshape(-1)
     if impl in ("chunked", "native", "triton"):
         kernel = {"native": native.forward, "triton": triton_kernel.forward, "chunked": chunked.forward}[impl]
-        loss, nll, stats = fused_encouraging_loss(kernel, logits, target, epsilon, spec, ignore_index)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            loss, nll, stats = fused_encouraging_loss(kernel, logits, target, epsilon, spec, ignore_index)
+        else:  # validation, torch.no_grad: the loss only, no N x V gradient buffer
+            loss, nll, stats, _ = kernel(logits, target, epsilon, spec, ignore_index, need_grad=False)
         if reduce:
             loss, nll = loss.sum(), nll.sum()
     else:

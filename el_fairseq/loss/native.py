@@ -86,8 +86,9 @@ def supports(logits):
     return logits.device.type == "cpu" and logits.dtype == torch.float32
 
 
-def forward(logits, target, epsilon, spec: BonusSpec, ignore_index):
-    """(loss, nll, stats, grad) for float32 CPU logits (N, V); grad is (N, V) float32."""
+def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, need_grad=True):
+    """(loss, nll, stats, grad) for float32 CPU logits (N, V); grad is (N, V) float32, or None
+    without need_grad (then no N x V buffer is allocated)."""
     lib = load()
     logits = logits.detach().contiguous()
     target = target.contiguous().to(torch.int64)
@@ -99,13 +100,14 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index):
     loss = torch.empty(n, dtype=torch.float32)
     nll = torch.empty(n, dtype=torch.float32)
     stats = torch.empty(n, 2, dtype=torch.float32)
-    grad = torch.empty_like(logits)
+    grad = torch.empty_like(logits) if need_grad else None
     b_start = _scalar_bonus(spec.start, spec) if spec.start > 0 else 0.0
     failed = lib.el_forward(
         logits.data_ptr(), target.data_ptr(), n, vocab, -1 if ignore_index is None else int(ignore_index),
         int(ignore_index is not None), float(epsilon), float(spec.epsilon), float(spec.rho), KINDS[spec.kind],
         float(spec.log_end), float(spec.gamma), float(spec.start), float(b_start),
-        loss.data_ptr(), nll.data_ptr(), stats.data_ptr(), grad.data_ptr(), torch.get_num_threads())
+        loss.data_ptr(), nll.data_ptr(), stats.data_ptr(), grad.data_ptr() if need_grad else None,
+        torch.get_num_threads())
     if failed:
         raise MemoryError("el_fairseq native kernel: could not allocate its scratch row")
     return loss, nll, stats, grad

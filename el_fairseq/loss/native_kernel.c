@@ -190,17 +190,20 @@ int el_forward(const float *logits, const int64_t *target, int64_t n_rows, int64
 #pragma omp parallel num_threads(threads)
     {
         float *scratch = (float *)malloc(sizeof(float) * (size_t)V);
-        if (!scratch) {
+        /* grad == NULL: the loss only (no gradient wanted, e.g. validation under torch.no_grad);
+           the row's c_j and gradient go to one per-thread row instead of an N x V buffer. */
+        float *grad_row = grad ? NULL : (float *)malloc(sizeof(float) * (size_t)V);
+        if (!scratch || (!grad && !grad_row)) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n_rows; i++) {
-            if (!scratch) continue;
+            if (!scratch || (!grad && !grad_row)) continue;
             const int64_t y = target[i];
-            float *g = grad + i * V;
+            float *g = grad ? grad + i * V : grad_row;
             if ((has_ignore && y == ignore_index) || y < 0 || y >= V) {
-                memset(g, 0, sizeof(float) * (size_t)V);
+                if (grad) memset(g, 0, sizeof(float) * (size_t)V);
                 loss[i] = 0.0f;
                 nll[i] = 0.0f;
                 stats[2 * i] = 0.0f;
@@ -210,6 +213,7 @@ int el_forward(const float *logits, const int64_t *target, int64_t n_rows, int64
             row(logits + i * V, y, V, &q, scratch, g, loss + i, nll + i, stats + 2 * i);
         }
         free(scratch);
+        free(grad_row);
     }
     return failed;
 }

@@ -65,7 +65,7 @@ if triton is not None:
     def _el_kernel(Z, T, LOSS, NLL, STATS, GRAD, stride_z, stride_g, V, ignore_index,
                    eps, eps_i, w_y, w_all, le, slope, at_le, gamma, start, b_start,
                    KIND: tl.constexpr, ACTIVE: tl.constexpr, SMOOTH: tl.constexpr, HAS_START: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y_raw = tl.load(T + row)
         valid = y_raw != ignore_index
@@ -138,8 +138,8 @@ if triton is not None:
         s_tot = s_hat + d * p_y
         grad_y = eps - omp_y + p_y * (c_y - s_hat + d * omp_y)
 
-        # pass 4: the gradient, written once
-        for start_col in range(0, V, BLOCK):
+        # pass 4: the gradient, written once (skipped when no gradient is wanted)
+        for start_col in range(0, V if WRITE_GRAD else 0, BLOCK):
             j = start_col + cols
             inside = j < V
             z = tl.load(z_row + j, mask=inside, other=0.0).to(tl.float32)
@@ -160,8 +160,9 @@ if triton is not None:
         tl.store(STATS + 2 * row + 1, tl.where(valid, zy - other, 0.0))
 
 
-def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None):
-    """(loss, nll, stats, grad) from logits (N, V) of any float dtype; grad in the logits' dtype."""
+def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None, need_grad=True):
+    """(loss, nll, stats, grad) from logits (N, V) of any float dtype; grad in the logits' dtype,
+    None without need_grad (the kernel then skips its gradient pass and no N x V buffer exists)."""
     logits = logits.detach()
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -170,7 +171,7 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None):
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     nll = torch.empty_like(loss)
     stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
-    grad = torch.empty_like(logits)
+    grad = torch.empty_like(logits) if need_grad else torch.empty(1, 1, dtype=logits.dtype, device=logits.device)
     le_active = spec.kind == "log" and spec.log_end < 1.0
     block = block or min(4096, triton.next_power_of_2(vocab))
     _el_kernel[(n,)](
@@ -181,6 +182,6 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None):
         math.log(1.0 - spec.log_end) if le_active else 0.0, float(spec.gamma), float(spec.start),
         _scalar_bonus(spec.start, spec) if spec.start > 0 else 0.0,
         KIND=KINDS[spec.kind], ACTIVE=spec.active, SMOOTH=spec.epsilon > 0.0, HAS_START=spec.start > 0.0,
-        BLOCK=block)
-    return loss, nll, stats, grad
+        WRITE_GRAD=need_grad, BLOCK=block)
+    return loss, nll, stats, grad if need_grad else None
 
