@@ -2,7 +2,9 @@
 with ctypes. float32 CPU logits only; anything else goes to the chunked torch path.
 
 Build cache: $EL_FAIRSEQ_CACHE or ~/.cache/el_fairseq, keyed by the source, the flags and the
-CPU's feature flags (the build uses -march=native). If no compiler is found or the build fails,
+CPU's feature flags (the build uses -march=native); the library gets the umask's mode (0755 by
+default) so a shared cache serves a team, and an unwritable cache means a private build in a
+temporary folder. If no compiler is found or the build fails,
 `available()` is False and the dispatcher falls back to "chunked" with a one-time warning.
 """
 import ctypes
@@ -43,16 +45,22 @@ def _build():
     with open(SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    cache = os.environ.get("EL_FAIRSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "el_fairseq")
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, f"el_native_{key}.so")
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    name = f"el_native_{key}.so"
+    cache = cache_dir()
+    path = os.path.join(cache, name) if cache else None
+    if path is None or not os.path.exists(path):
+        # An unwritable shared cache: build for this process only, in a private temporary folder.
+        folder = cache or tempfile.mkdtemp(prefix="el_fairseq_")
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         proc = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             os.remove(tmp)
             raise RuntimeError(f"compiling {SOURCE} failed: {proc.stderr.strip()[-500:]}")
+        # mkstemp made it 0600: give it the mode of an ordinary build output (0755 under umask 022),
+        # so a cache shared by a team (EL_FAIRSEQ_CACHE) serves everyone.
+        os.chmod(tmp, 0o777 & ~_umask())
+        path = os.path.join(folder, name)
         os.replace(tmp, path)  # atomic: concurrent workers never load a half-written library
     lib = ctypes.CDLL(path)
     f32, i64, i32, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -60,6 +68,27 @@ def _build():
                                ptr, ptr, ptr, ptr, i32]
     lib.el_forward.restype = i32
     return lib
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def cache_dir():
+    """$EL_FAIRSEQ_CACHE or ~/.cache/el_fairseq when it can be created and written, else None."""
+    cache = os.environ.get("EL_FAIRSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "el_fairseq")
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:
+        return None
+    return cache if os.access(cache, os.W_OK | os.X_OK) else None
+
+
+def library_path():
+    """The file of the loaded library (None before a successful load)."""
+    return getattr(_lib, "_name", None)
 
 
 def load():
