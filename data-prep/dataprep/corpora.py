@@ -143,8 +143,10 @@ def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, f
 
     def binarize():
         fairseq_preprocess(prep, src, tgt, data_bin, workers)
+        # the BPE codes beside the data: fairseq-interactive / from_pretrained take --bpe-codes from there
+        shutil.copyfile(os.path.join(prep, "code"), os.path.join(data_bin, "code"))
         write_testsets(data_bin, prep, src, tgt, {"test": "+".join(IWSLT14_TEST)}, True, "subword_nmt")
-        return data_bin
+        return data_bin + " (BPE codes beside it)"
 
     stages.run("5-binarize", binarize)
     return _report(prep, (src, tgt)), data_bin
@@ -253,8 +255,9 @@ def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, worker
 
     def binarize():
         fairseq_preprocess(prep, src, tgt, data_bin, workers, tests=tuple(subsets))
+        shutil.copyfile(os.path.join(prep, "code"), os.path.join(data_bin, "code"))
         write_testsets(data_bin, prep, src, tgt, subsets, True, "subword_nmt")
-        return data_bin
+        return data_bin + " (BPE codes beside it)"
 
     stages.run("4-binarize", binarize)
     return _report(prep, (src, tgt), ("train", "valid", *subsets)), data_bin
