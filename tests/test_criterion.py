@@ -180,3 +180,24 @@ def fairseq_task():
     from fairseq_fixtures import TinyTask
 
     return TinyTask(VOCAB)
+
+
+def test_smoothing_conventions_are_fairseqs_and_torchs():
+    """benchmarks/smoothing_conventions.py (README: what differs from the authors' baseline) against
+    fairseq's label_smoothed_nll_loss and torch's cross_entropy(label_smoothing=...)."""
+    import torch.nn.functional as F
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    from benchmarks.smoothing_conventions import conventions
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(30, 1000, generator=g, dtype=torch.float64) * 4
+    target = torch.randint(0, 1000, (30,), generator=g)
+    lprobs = torch.log_softmax(logits, -1)
+    fairseq, authors = conventions(lprobs, target, 0.1)
+    theirs = label_smoothed_nll_loss(lprobs, target.unsqueeze(-1), 0.1, reduce=False)[0].squeeze(-1)
+    assert torch.allclose(fairseq, theirs, rtol=1e-12)
+    assert torch.allclose(authors, F.cross_entropy(logits, target, label_smoothing=0.1, reduction="none"), rtol=1e-12)
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    rest = -lprobs.sum(-1) - nll
+    assert torch.allclose(authors - fairseq, 0.1 / 1000 * nll - 0.1 / (1000 * 999) * rest, rtol=1e-8, atol=1e-15)
