@@ -1,6 +1,15 @@
-"""el-fairseq: the encouraging loss (Zhao et al., arXiv 2110.06537) as a fairseq user-dir plugin.
+"""el-fairseq: the encouraging loss (Zhao et al., arXiv 2110.06537) as a fairseq user-dir plugin, and
+for any PyTorch model.
 
     fairseq-train ... --user-dir $(el-fairseq-user-dir) --criterion encouraging_loss
+    from el_fairseq import EncouragingLoss, encouraging_loss      # no fairseq needed
 """
-from . import compat  # noqa: F401  (torch>=2.6 checkpoint loading, one-line option errors)
-from . import criterions  # noqa: F401  (registers the criteria)
+from .loss.api import EncouragingLoss, encouraging_loss  # noqa: F401  (the public PyTorch loss)
+
+try:
+    import fairseq  # noqa: F401
+except ImportError:  # the PyTorch loss works without fairseq; the plugin half needs it
+    pass
+else:
+    from . import compat  # noqa: F401  (torch>=2.6 checkpoint loading, batching fix, one-line option errors)
+    from . import criterions  # noqa: F401  (registers the criteria)

@@ -28,6 +28,9 @@ def main(argv=None):
     parser.add_argument("--out", default="results/demo")
     parser.add_argument("--seeds", default="1-3")
     args, extra = parser.parse_known_args(argv)
+    # Same seed, same machine, same thread count -> the same numbers, run after run (fairseq on the
+    # CPU is deterministic then); a different thread count changes float reductions, so fix it.
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
     start = time.time()
     data_bin = prepare(args.out)
     execute(plan("demo", parse_seeds(args.seeds), data_bin, args.out, cpu=True, extra=extra))

@@ -48,4 +48,15 @@ for spec in specs[:3]:
     loss, nll, stats, grad = triton_kernel.forward(logits, target, 0.1, spec, 1, need_grad=False)
     full = triton_kernel.forward(logits, target, 0.1, spec, 1)
     assert grad is None and torch.equal(loss, full[0]) and torch.equal(nll, full[1]) and torch.equal(stats, full[2])
+# the public PyTorch API through the Triton kernel: torch's cross-entropy with the bonus off
+import torch.nn.functional as F  # noqa: E402
+
+from el_fairseq import encouraging_loss as public_loss  # noqa: E402
+
+x = torch.randn(6, 9, 4, generator=torch.Generator().manual_seed(2)) * 3
+y = torch.randint(0, 9, (6, 4), generator=torch.Generator().manual_seed(3))
+y[0, 0] = -100
+for reduction in ("mean", "sum", "none"):
+    got = public_loss(x, y, bonus_rho=0.0, label_smoothing=0.1, reduction=reduction, impl="triton")
+    assert torch.allclose(got, F.cross_entropy(x, y, label_smoothing=0.1, reduction=reduction), rtol=1e-5, atol=1e-6)
 print("triton interpreter checks passed")
