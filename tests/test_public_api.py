@@ -167,3 +167,12 @@ def test_imports_without_fairseq():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_digits_example_runs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "digits.py"), "--seeds", "1-2", "--epochs",
+                          "3"], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line[:3] in ("CE ", "EL ")}
+    assert set(rows) == {"CE", "EL"} and all(50 < float(r[1]) <= 100 for r in rows.values())
