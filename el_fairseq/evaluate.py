@@ -4,7 +4,7 @@
     keeps beside the binarised data (DATA_BIN/{subset}.raw.{tgt}, described in testsets.json),
     lowercased (signature case:lc) where the preparation lowercased, with its signature.
 
-    python -m el_fairseq.evaluate CHECKPOINT DATA_BIN [--subset test] [--remove-bpe '@@ '|sentencepiece]
+    python -m el_fairseq.evaluate CHECKPOINT DATA_BIN [--subset test|test,test1|all] [--remove-bpe '@@ '|sentencepiece]
                                   [--detok moses|space] [--out DIR] [--cpu]
 
 Data without raw references (prepared elsewhere) is refused for sacreBLEU: scoring against the
@@ -124,24 +124,32 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("data_bin")
-    parser.add_argument("--subset", default="test")
+    parser.add_argument("--subset", default="test",
+                        help="a test subset, several separated by commas (test,test1), or 'all' (every subset of "
+                             "DATA_BIN/testsets.json)")
     parser.add_argument("--remove-bpe", default="@@ ", help="'@@ ' (subword-nmt), sentencepiece, or '' for none")
     parser.add_argument("--detok", choices=["moses", "space"], default="moses")
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--out", help="folder for hypotheses and result.json (default: next to the checkpoint)")
+    parser.add_argument("--out", help="folder for hypotheses and result.json (default: next to the checkpoint; "
+                                      "with several subsets, one folder per subset: OUT_SUBSET)")
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args(argv)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"eval_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_{args.subset}")
-    try:
-        result = evaluate(args.checkpoint, args.data_bin, args.subset, args.remove_bpe, args.detok, out,
-                          cpu=args.cpu, beam=args.beam)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        parser.error(str(err))
-    print(f"{args.subset} = {result['test_set']}")
-    print(f"tokenized BLEU (fairseq, as in the paper) = {result['tokenized_bleu']:.2f}")
-    print(f"sacreBLEU = {result['sacrebleu']['score']:.2f}  {result['sacrebleu']['signature']}")
-    print(json.dumps(result))
+    subsets = list(testsets.subsets(args.data_bin)) if args.subset == "all" else args.subset.split(",")
+    for subset in subsets:
+        if args.out:
+            out = args.out if len(subsets) == 1 else f"{args.out}_{subset}"
+        else:
+            out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                               f"eval_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_{subset}")
+        try:
+            result = evaluate(args.checkpoint, args.data_bin, subset, args.remove_bpe, args.detok, out,
+                              cpu=args.cpu, beam=args.beam)
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            parser.error(str(err))
+        print(f"{subset} = {result['test_set']}")
+        print(f"tokenized BLEU (fairseq, as in the paper) = {result['tokenized_bleu']:.2f}")
+        print(f"sacreBLEU = {result['sacrebleu']['score']:.2f}  {result['sacrebleu']['signature']}")
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def test_train_resume_generate_average(data_bin, tmp_path, criterion):
     assert result["sacrebleu"]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert "tokenized BLEU (fairseq, as in the paper) = " in out and result["sacrebleu"]["signature"] in out
     assert len((ev / "hyp.detok.txt").read_text().splitlines()) == 100
+    if criterion == "encouraging_loss":
+        check_sacrebleu_uses_raw_references(avg, data_bin, tmp_path)
 
     analysis = tmp_path / "margins"
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "analyze_margins.py"), "--path",
@@ -117,3 +119,39 @@ checkpoint: {{save_dir: {tmp_path / 'ckpt'}}}
     log = proc.stdout + proc.stderr
     assert "criterion: EncouragingLossCriterion" in log and "'log_end': 0.75" in log
     assert (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
+
+
+def check_sacrebleu_uses_raw_references(checkpoint, data_bin, tmp_path):
+    """sacreBLEU scores the detokenised output against the raw references data-prep keeps, lowercased
+    (case:lc) where the data is; every subset is evaluated and named. The raw references here are
+    the test targets in upper case with a trailing period: scored against the tokenised T- lines
+    (the old behaviour) the score and the signature would differ."""
+    import shutil
+
+    from sacrebleu.metrics import BLEU
+
+    from el_fairseq import testsets
+
+    data = tmp_path / "cased"
+    shutil.copytree(data_bin / "bin", data)
+    for f in list(data.glob("test.src-tgt.*")):
+        shutil.copy(f, data / f.name.replace("test.", "test1.", 1))
+    raw = (data_bin / "raw" / "test.tgt").read_text().splitlines()
+    (tmp_path / "ref.tgt").write_text("".join(line.upper() + " .\n" for line in raw))
+    testsets.write(str(data), "src", "tgt", {
+        "test": ("cased test", {"src": str(data_bin / "raw" / "test.src"), "tgt": str(tmp_path / "ref.tgt")}),
+        "test1": ("cased test, again", {"src": str(data_bin / "raw" / "test.src"), "tgt": str(tmp_path / "ref.tgt")})},
+        lowercased=True)
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "evaluate.sh"), str(checkpoint), str(data),
+                          "--subset", "all", "--remove-bpe", "", "--detok", "space", "--out", str(tmp_path / "ev"),
+                          "--cpu"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for subset, name in (("test", "cased test"), ("test1", "cased test, again")):
+        result = json.loads((tmp_path / f"ev_{subset}" / "result.json").read_text())
+        assert result["test_set"] == name and result["sacrebleu"]["reference"] == f"{subset}.raw.tgt"
+        assert result["sacrebleu"]["signature"].startswith("nrefs:1|case:lc|")
+        hyps = (tmp_path / f"ev_{subset}" / "hyp.detok.txt").read_text().splitlines()
+        refs = [line.upper() + " ." for line in raw]
+        assert result["sacrebleu"]["score"] == round(BLEU(lowercase=True).corpus_score(hyps, [refs]).score, 2)
+        assert result["sacrebleu"]["score"] != result["tokenized_bleu"]  # the period: not the T- lines
+        assert f"{subset} = {name}" in out.stdout
