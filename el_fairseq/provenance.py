@@ -84,22 +84,29 @@ def read(path):
         return json.load(f)
 
 
+def epoch_records(log_path, stage):
+    """{epoch: record} of fairseq's json log lines `| train | {...}` or `| valid | {...}` (stage)."""
+    records = {}
+    marker = f"| {stage} | "
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if marker not in line:
+                continue
+            try:
+                rec = json.loads(line.split(marker, 1)[1])
+                records[int(rec["epoch"])] = rec
+            except (ValueError, KeyError):
+                continue
+    return records
+
+
 def training_speed(log_path):
     """From fairseq's json log: {'epochs', 'wall_s', 'train_wall_s', 'tokens_per_s'} of the run
     (tokens/s over the whole run: every epoch has the same tokens, so the harmonic mean of the
     epochs' wps), or None."""
-    epochs = {}
     if not os.path.exists(log_path):
         return None
-    with open(log_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if "| train | " not in line:
-                continue
-            try:
-                rec = json.loads(line.split("| train | ", 1)[1])
-                epochs[int(rec["epoch"])] = rec
-            except (ValueError, KeyError):
-                continue
+    epochs = epoch_records(log_path, "train")
     if not epochs:
         return None
     # epoch summaries prefix every key with "train_": train_wall is the run's wall clock so far,

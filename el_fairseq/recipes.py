@@ -10,6 +10,14 @@ from typing import Dict, List, Optional
 EVAL_BLEU_ARGS = '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}'
 
 
+def small_transformer(layers, dim, ffn, heads):
+    """fairseq's `transformer` with LAYERS encoder and decoder layers, shared decoder embeddings."""
+    return ["--arch", "transformer", "--encoder-layers", str(layers), "--decoder-layers", str(layers),
+            "--encoder-embed-dim", str(dim), "--decoder-embed-dim", str(dim), "--encoder-ffn-embed-dim", str(ffn),
+            "--decoder-ffn-embed-dim", str(ffn), "--encoder-attention-heads", str(heads),
+            "--decoder-attention-heads", str(heads), "--share-decoder-input-output-embed"]
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -52,31 +60,26 @@ RECIPES = {
         dropout=0.3, max_tokens=4096, update_freq=1, max_update=4000, warmup_updates=1000,
         description="Multi30k (29k sentence pairs), transformer_iwslt_de_en; minutes on one GPU",
     ),
-    # Multi30k on a 2-core CPU in about 15 minutes a run (both directions). Why this model: measured
-    # on this kind of machine (fairseq-train --cpu, 2 threads, ~3,500 target tokens a batch),
-    # transformer_iwslt_de_en trains at ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN
-    # 1024 at ~3,300 tokens/s, and 2+2 layers of 256 dimensions with FFN 512 at ~5,500 tokens/s
-    # (~80 s an epoch of 126 updates), which reaches mid-30s BLEU on test2016 in about 10 epochs.
+    # Multi30k on a 2-core CPU (both directions). Why this model: measured on this kind of machine
+    # (fairseq-train --cpu, 2 threads, BPE 8k, ~3,500 target tokens a batch), transformer_iwslt_de_en
+    # trains at ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN 1024 at ~3,300 tokens/s,
+    # and 2+2 layers of 256 dimensions with FFN 512 at ~5,500 tokens/s (~80 s an epoch), which reaches
+    # mid-30s BLEU on test2016 in about 10 epochs. With data-prep's default 10k BPE and other work on
+    # the machine a run takes longer: docs/RESULTS.md has the measured time per run.
     # Validation BLEU (beam search over 1,014 sentences each epoch) would add about a third to the
     # time, so the best checkpoint is chosen by validation NLL, which CE and EL both log the same way;
     # the report averages the last 5 of the 10 epoch checkpoints.
     "multi30k-cpu": Recipe(
         name="multi30k-cpu",
-        arch_flags=["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
-                    "--encoder-embed-dim", "256", "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "512",
-                    "--decoder-ffn-embed-dim", "512", "--encoder-attention-heads", "4",
-                    "--decoder-attention-heads", "4", "--share-decoder-input-output-embed"],
+        arch_flags=small_transformer(layers=2, dim=256, ffn=512, heads=4),
         lr=1e-3, weight_decay=1e-4, dropout=0.3, max_tokens=4096, update_freq=1, max_update=0, max_epoch=10,
         warmup_updates=400, avg_last=5, eval_bleu=False,
-        description="Multi30k on a CPU: 2+2-layer 256-dim transformer (FFN 512), 10 epochs, ~15 min on 2 cores",
+        description="Multi30k on a CPU: 2+2-layer 256-dim transformer (FFN 512), 10 epochs",
     ),
     # CPU demo on the generated corpus (el_fairseq.synthetic): a tiny model, no BLEU-based selection.
     "demo": Recipe(
         name="demo",
-        arch_flags=["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
-                    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "256",
-                    "--decoder-ffn-embed-dim", "256", "--encoder-attention-heads", "4",
-                    "--decoder-attention-heads", "4", "--share-decoder-input-output-embed"],
+        arch_flags=small_transformer(layers=2, dim=64, ffn=256, heads=4),
         lr=2e-3, weight_decay=1e-4, dropout=0.1, max_tokens=2048, update_freq=1, max_update=300,
         warmup_updates=100, remove_bpe="", detok="space", avg_last=5, eval_bleu=False,
         description="generated toy language pair (el_fairseq.synthetic), 2+2-layer 64-dim transformer, CPU",

@@ -161,19 +161,11 @@ def valid_curves(out):
     """{run: [(epoch, valid_nll_loss (base 2), valid_bleu or None)]} from the fairseq json logs."""
     curves = {}
     for log in sorted(glob.glob(os.path.join(out, "*_seed*", "train.log"))):
-        run = os.path.basename(os.path.dirname(log))
-        points = {}
-        with open(log, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if "| valid | " not in line:
-                    continue
-                try:
-                    rec = json.loads(line.split("| valid | ", 1)[1])
-                    points[int(rec["epoch"])] = (float(rec["valid_nll_loss"]),
-                                                 float(rec["valid_bleu"]) if "valid_bleu" in rec else None)
-                except (ValueError, KeyError):
-                    continue
-        curves[run] = [(e, *points[e]) for e in sorted(points)]
+        records = provenance.epoch_records(log, "valid")
+        curves[os.path.basename(os.path.dirname(log))] = [
+            (e, float(records[e]["valid_nll_loss"]),
+             float(records[e]["valid_bleu"]) if "valid_bleu" in records[e] else None)
+            for e in sorted(records) if "valid_nll_loss" in records[e]]
     return curves
 
 
