@@ -161,6 +161,8 @@ def valid_curves(out):
     """{run: [(epoch, valid_nll_loss (base 2), valid_bleu or None)]} from the fairseq json logs."""
     curves = {}
     for log in sorted(glob.glob(os.path.join(out, "*_seed*", "train.log"))):
+        if not os.path.exists(os.path.join(os.path.dirname(log), "DONE")):
+            continue  # a run still training (or interrupted) is not part of the report
         records = provenance.epoch_records(log, "valid")
         curves[os.path.basename(os.path.dirname(log))] = [
             (e, float(records[e]["valid_nll_loss"]),
@@ -175,11 +177,12 @@ def run_provenance(out):
     for run in sorted(glob.glob(os.path.join(out, "*_seed*"))):
         if not RUN_DIR.search(run) or not os.path.isdir(run):
             continue
-        record = provenance.read(os.path.join(run, "provenance.json")) or {}
         done = os.path.join(run, "DONE")
-        if os.path.exists(done):  # the command that finished the run
-            with open(done, encoding="utf-8") as f:
-                record["command"] = f.read().strip()
+        if not os.path.exists(done):
+            continue  # still training, or interrupted: not part of the report
+        record = provenance.read(os.path.join(run, "provenance.json")) or {}
+        with open(done, encoding="utf-8") as f:  # the command that finished the run
+            record["command"] = f.read().strip()
         record.update(provenance.training_speed(os.path.join(run, "train.log")) or {})
         runs[os.path.basename(run)] = record
     return runs
