@@ -287,7 +287,7 @@ def render_markdown(task, table, significance, margins, subsets, prov, pngs):
                              f"[{b['delta_ci95'][0]:+.2f}, {b['delta_ci95'][1]:+.2f}] | {b['p_value_bootstrap']:.4f} | "
                              f"{b['p_value_ar']:.4f} |")
             p = sig["pooled"]
-            lines.append(f"| pooled ({p['seeds']} seeds) | | | {p['delta']:+.2f} "
+            lines.append(f"| pooled ({p['seeds']} seed{'s' if p['seeds'] > 1 else ''}) | | | {p['delta']:+.2f} "
                          f"[{p['delta_ci95'][0]:+.2f}, {p['delta_ci95'][1]:+.2f}] | | |")
         lines.append("")
     paper = paper_bleu(task)
