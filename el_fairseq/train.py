@@ -61,7 +61,7 @@ def command(args, extra):
 def run_logged(cmd, log_path):
     """Run cmd, streaming its output to the terminal and appending it to log_path."""
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # line-buffered: the log follows the run
         log.write("# " + quote(cmd) + "\n")
         # fairseq logs to stdout, which a pipe would buffer in 8 KiB blocks: unbuffered, the log and
         # the terminal show each line (and the progress) as it happens.
