@@ -206,3 +206,23 @@ def test_reproduction_runs_then_skips_finished_work(data_bin, tmp_path):
     assert second.returncode == 0
     assert second.stdout.count("done already, skipped") == 8  # 2 x (train, average, 2 evaluations)
     assert "| train | " not in second.stdout
+
+
+def test_train_log_follows_the_run_line_by_line(tmp_path):
+    """SAVE_DIR/train.log shows each line while fairseq-train is still running (progress), not a
+    block at a time; the child runs unbuffered."""
+    import threading
+    import time
+
+    from el_fairseq.train import run_logged
+
+    log = tmp_path / "train.log"
+    cmd = [sys.executable, "-c", "import sys, time; print('epoch 1 done'); time.sleep(4); print('epoch 2 done')"]
+    worker = threading.Thread(target=run_logged, args=(cmd, str(log)))
+    worker.start()
+    deadline = time.time() + 3
+    while time.time() < deadline and "epoch 1 done" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    seen_early = "epoch 1 done" in log.read_text()
+    worker.join()
+    assert seen_early and log.read_text().splitlines()[-1] == "epoch 2 done"
