@@ -59,4 +59,32 @@ y[0, 0] = -100
 for reduction in ("mean", "sum", "none"):
     got = public_loss(x, y, bonus_rho=0.0, label_smoothing=0.1, reduction=reduction, impl="triton")
     assert torch.allclose(got, F.cross_entropy(x, y, label_smoothing=0.1, reduction=reduction), rtol=1e-5, atol=1e-6)
+# the first-use self-check: an injected failure / wrong result -> one warning, chunked for the run
+import warnings  # noqa: E402
+
+from el_fairseq.loss import dispatch, self_check  # noqa: E402
+
+assert self_check._results.get(("triton", torch.float32, "cpu")) == (True, "")  # the real kernel passed
+real_forward = triton_kernel.forward
+logits, target = make_batch(12, 33, 5.0, seed=8, pad_rows=2)
+want = run_impl("chunked", logits, target, 0.1, BonusSpec())
+for fault in ("raises", "wrong"):
+    self_check.reset()
+    dispatch._warned.clear()
+
+    def broken(*args, fault=fault, **kwargs):
+        if fault == "raises":
+            raise RuntimeError("triton.compiler.errors.CompilationError: injected")
+        loss, nll, stats, grad = real_forward(*args, **kwargs)
+        return loss, nll, stats, grad * 2 if grad is not None else grad
+    triton_kernel.forward = broken
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run_impl("triton", logits, target, 0.1, BonusSpec())
+        run_impl("triton", logits, target, 0.1, BonusSpec())
+    messages = [str(w.message) for w in caught if "self-check" in str(w.message)]
+    assert len(messages) == 1 and "the triton kernel failed its self-check" in messages[0], messages
+    assert ("CompilationError" if fault == "raises" else "gradient off by") in messages[0], messages
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+triton_kernel.forward = real_forward
 print("triton interpreter checks passed")

@@ -7,7 +7,8 @@ impl:
   "triton"     fused loss+gradient as a Triton kernel (triton_kernel.py), CUDA logits of any float dtype;
   "auto"       "native" on the CPU, "triton" on CUDA, where they apply; else "chunked".
 Every option of the loss works on every path. "native"/"triton" fall back to "chunked", with a
-one-time warning, where they cannot run.
+one-time warning, where they cannot run, and where they fail their first-use self-check against
+"chunked" (self_check.py).
 """
 import os
 import warnings
@@ -21,9 +22,11 @@ from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
 from .fused import fused_encouraging_loss
 from .reference import encouraging_nll_loss
-from . import native, triton_kernel
+from . import native, self_check, triton_kernel
 
 IMPLS = ("auto", "reference", "chunked", "native", "triton")
+# Looked up at call time, so that a replaced module function (tests inject failures) is the one used.
+KERNELS = {"native": lambda: native.forward, "triton": lambda: triton_kernel.forward, "chunked": lambda: chunked.forward}
 _warned = set()
 
 
@@ -83,8 +86,14 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     impl = path_for(logits, resolve_impl(impl))
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
+    if impl in ("native", "triton"):
+        ok, reason = self_check.verify(impl, KERNELS[impl](), logits, epsilon, spec, ignore_index)
+        if not ok:
+            _warn_once((impl, "self-check", logits.dtype), f"el_fairseq: the {impl} kernel failed its self-check on "
+                       f"{logits.dtype} {logits.device.type} logits ({reason}); using chunked for this process")
+            impl = "chunked"
     if impl in ("chunked", "native", "triton"):
-        kernel = {"native": native.forward, "triton": triton_kernel.forward, "chunked": chunked.forward}[impl]
+        kernel = KERNELS[impl]()
         if torch.is_grad_enabled() and logits.requires_grad:
             loss, nll, stats = fused_encouraging_loss(kernel, logits, target, epsilon, spec, ignore_index)
         else:  # validation, torch.no_grad: the loss only, no N x V gradient buffer
