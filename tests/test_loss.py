@@ -292,3 +292,29 @@ def test_no_grad_computes_the_same_loss_without_a_gradient_buffer(impl, monkeypa
     calls.clear()
     plain = encouraging_loss(logits, target, 0.1, spec, ignore_index=PAD, reduce=False, impl=impl, with_stats=True)
     assert calls and calls[0][0] is False and torch.equal(plain[0], without[0])
+
+
+def fp16_ulps(got, exact):
+    """|got - fp16(exact)| in units of the fp16 ulp at fp16(exact) (subnormal ulp 2^-24)."""
+    want = exact.to(torch.float16).float()
+    mag = want.abs().clamp(min=2.0 ** -14)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 10)
+    return (got.float() - want).abs() / ulp
+
+
+def test_fp16_gradient_within_two_ulps_after_any_loss_scale():
+    """fairseq scales the loss (2^7 by default, up to 2^15 and beyond) before backward: the fused fp16
+    gradient must be the exact scaled gradient rounded once, not a subnormal fp16 value scaled up
+    (which was off by up to 2,045 ulps for ~60% of the entries at 2^15)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(96, 10000, generator=g) * 3).to(torch.float16)
+    target = torch.randint(4, 10000, (96,), generator=g)
+    target[-6:] = PAD
+    spec = BonusSpec(log_end=0.5, epsilon=0.1)
+    exact = run_ref64(logits.double(), target, 0.1, spec)[2]
+    for k in range(16):
+        z = logits.clone().requires_grad_(True)
+        loss, _ = encouraging_loss(z, target, 0.1, spec, ignore_index=PAD, impl="chunked")
+        (loss * 2.0 ** k).backward()
+        assert z.grad.dtype == torch.float16
+        assert float(fp16_ulps(z.grad, exact * 2.0 ** k).max()) <= 2.0, k

@@ -87,4 +87,14 @@ for fault in ("raises", "wrong"):
     assert ("CompilationError" if fault == "raises" else "gradient off by") in messages[0], messages
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 triton_kernel.forward = real_forward
+# fp16: the gradient is kept in float32 and rounded once after the loss scale (<= 2 fp16 ulps)
+from test_loss import fp16_ulps  # noqa: E402
+
+logits, target = make_batch(16, 3000, 3.0, seed=12, pad_rows=2, dtype=torch.float16)
+exact = run_ref64(logits.double(), target, 0.1, BonusSpec())[2]
+for k in (0, 7, 15):
+    z = logits.clone().requires_grad_(True)
+    loss, _ = encouraging_loss(z, target, 0.1, BonusSpec(), ignore_index=1, impl="triton")
+    (loss * 2.0 ** k).backward()
+    assert z.grad.dtype == torch.float16 and float(fp16_ulps(z.grad, exact * 2.0 ** k).max()) <= 2.0, k
 print("triton interpreter checks passed")

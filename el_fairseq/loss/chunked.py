@@ -6,7 +6,8 @@ elsewhere) and c_j = rho * w_j * b'(p_j), w_j = eps_b / V + (1 - eps_b) [j = y]:
 
     dL/dz_k = p_k - a_k + p_k * (c_k - sum_j c_j p_j)
 
-Memory: the only (N, V) tensor that outlives the call is that gradient, in the logits' dtype.
+Memory: the only (N, V) tensor that outlives the call is that gradient, in the logits' dtype
+(float32 for fp16 logits, see gradient_dtype).
 fairseq's LS-CE keeps its float32 log-softmax output (N x V x 4 bytes) for backward and builds
 two more (N, V) tensors there (the gradient w.r.t. lprobs and w.r.t. the logits); here the
 temporaries are bounded by one chunk of rows (CHUNK_ELEMENTS floats each).
@@ -23,6 +24,16 @@ CHUNK_ELEMENTS = 1 << 18
 def compute_dtype(dtype):
     """float32 for 16-bit inputs (and float32); float64 stays float64 (tests, gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gradient_dtype(dtype):
+    """float32 for fp16 logits, else the logits' dtype. fairseq multiplies the gradient by its loss
+    scale (up to 2^15 and more) in backward: stored in fp16 before that, the label-smoothing entries
+    (~eps/V ~ 1e-5, below fp16's normal range 6.1e-5) would be subnormal and lose their precision,
+    up to 1,024 ulps after scaling. In float32 they are scaled first and rounded to fp16 once.
+    Cost: 4 instead of 2 bytes per logit for the kept gradient, what fairseq's LS-CE keeps anyway
+    (its float32 log-probabilities). bf16 has float32's range: no subnormals at these magnitudes."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -109,9 +120,9 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index=None, need_gr
     if not need_grad:
         grad = None
     elif ignore_index is not None:
-        grad = torch.zeros_like(logits)
+        grad = torch.zeros_like(logits, dtype=gradient_dtype(logits.dtype))
     else:
-        grad = torch.empty_like(logits)
+        grad = torch.empty_like(logits, dtype=gradient_dtype(logits.dtype))
     keep = target.ne(ignore_index) if ignore_index is not None else None
     step = chunk_rows(vocab)
     for start in range(0, n_rows, step):

@@ -14,6 +14,7 @@ class FusedEncouragingLoss(torch.autograd.Function):
     def forward(ctx, logits, target, epsilon, spec, ignore_index, kernel):
         loss, nll, stats, grad = kernel(logits, target, epsilon, spec, ignore_index)
         ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(nll, stats)
         return loss, nll, stats
 
@@ -26,7 +27,9 @@ class FusedEncouragingLoss(torch.autograd.Function):
             grad.mul_(grad_loss[0].to(grad.dtype))
         else:
             grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
-        return grad, None, None, None, None, None
+        # fp16 logits keep a float32 gradient (chunked.gradient_dtype): scaled above in float32,
+        # rounded to fp16 once here.
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 def fused_encouraging_loss(kernel, logits, target, epsilon, spec, ignore_index=None):

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 from .bonus import BonusSpec, _scalar_bonus
+from .chunked import gradient_dtype
 
 KINDS = {"log": 0, "power": 1, "cosine": 2}
 FLOOR = 1e-5
@@ -171,7 +172,9 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None, 
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     nll = torch.empty_like(loss)
     stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
-    grad = torch.empty_like(logits) if need_grad else torch.empty(1, 1, dtype=logits.dtype, device=logits.device)
+    grad_dtype = gradient_dtype(logits.dtype)  # float32 for fp16 logits: exact after fairseq's loss scaling
+    grad = torch.empty_like(logits, dtype=grad_dtype) if need_grad else torch.empty(1, 1, dtype=grad_dtype,
+                                                                                      device=logits.device)
     le_active = spec.kind == "log" and spec.log_end < 1.0
     block = block or min(4096, triton.next_power_of_2(vocab))
     _el_kernel[(n,)](
