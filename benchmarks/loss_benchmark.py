@@ -32,7 +32,7 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(impl, tokens, vocab, repeats, device, threads, mode="train"):
+def worker(impl, tokens, vocab, repeats, device, threads, mode="train", dtype="float32"):
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -48,7 +48,8 @@ def worker(impl, tokens, vocab, repeats, device, threads, mode="train"):
     g = torch.Generator().manual_seed(0)
     # Filled in place: a temporary here would raise the RSS high-water mark before `base` is read
     # and hide up to one N x V tensor of the step's own peak.
-    logits = torch.empty(1, tokens, vocab).normal_(generator=g).mul_(4).to(device).requires_grad_(True)
+    logits = torch.empty(1, tokens, vocab, dtype=getattr(torch, dtype)).normal_(generator=g).mul_(4)
+    logits = logits.to(device).requires_grad_(True)
     target = torch.randint(4, vocab, (1, tokens), generator=g).to(device)
     target[0, -tokens // 20:] = PAD  # 5% padding, as in real batches
 
@@ -93,7 +94,7 @@ def worker(impl, tokens, vocab, repeats, device, threads, mode="train"):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"impl": impl, "vocab": vocab, "tokens": tokens, "device": device, "mode": mode,
+    return {"impl": impl, "vocab": vocab, "tokens": tokens, "device": device, "mode": mode, "dtype": dtype,
             "median_s": statistics.median(times), "peak_extra_bytes": max(peak, 0)}
 
 
@@ -123,13 +124,16 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"],
                         help="train = forward+backward; eval = forward under torch.no_grad")
-    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "VOCAB", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"], default=["float32"],
+                        help="logits dtypes; 16-bit ones on the CPU run LS-CE and the chunked path (the native "
+                             "kernel takes float32)")
+    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "VOCAB", "MODE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         device = "cpu" if args.device == "all" else args.device
         print(json.dumps(worker(args.worker[0], args.tokens, int(args.worker[1]), args.repeats, device, args.threads,
-                                args.worker[2])))
+                                args.worker[2], args.worker[3])))
         return
 
     import torch
@@ -138,16 +142,17 @@ def main(argv=None):
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     rows = []
     for device in devices:
-        for mode in args.modes:
+        for dtype, mode in [(d, m) for d in args.dtypes for m in args.modes]:
             print(f"\n{device.upper()}: {describe_machine(device, args.threads)}")
             what = "forward+backward" if mode == "train" else "forward under torch.no_grad (validation)"
-            print(f"{what} through the criterion, {args.tokens} target tokens, float32 logits, "
+            print(f"{what} through the criterion, {args.tokens} target tokens, {dtype} logits, "
                   f"label smoothing 0.1, EL defaults (log bonus, LE 0.5, eps_b 0.1); median of {args.repeats}")
             print(f"{'vocab':>7} {'implementation':<20} {'time ms':>9} {'x LS-CE':>8} {'peak MiB':>9} {'x LS-CE':>8}")
             for vocab in args.vocabs:
                 base = None
-                for impl in IMPLS[device]:
-                    cmd = [sys.executable, "-m", "benchmarks.loss_benchmark", "--worker", impl, str(vocab), mode,
+                impls = IMPLS[device] if dtype == "float32" or device == "cuda" else ("ls_ce", "el_chunked")
+                for impl in impls:
+                    cmd = [sys.executable, "-m", "benchmarks.loss_benchmark", "--worker", impl, str(vocab), mode, dtype,
                            "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
                            "--device", device]
                     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
