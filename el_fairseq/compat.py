@@ -12,7 +12,15 @@
 3. An out-of-range criterion option raises EncouragingLossOptionError; fairseq's command-line
    tools would print it under a traceback wall. A chained sys.excepthook prints that error
    alone, as one line, and exits with status 2 like argparse does.
+4. fairseq's distributed training assumes one worker per CUDA device: on a single node it asserts
+   `--distributed-world-size <= torch.cuda.device_count()` and spawns min(device count, world size)
+   workers, its default backend is nccl, and its DistributedDataParallel wrapper passes
+   device_ids=[rank], which torch refuses for a CPU module. With --cpu we give it what it gives
+   GPUs: one spawned worker per --distributed-world-size on this node (gloo instead of nccl, a
+   free local port), and torch's DDP without device ids. torchrun and SLURM launches with --cpu
+   keep fairseq's own set-up and get gloo. Nothing changes without --cpu.
 """
+import socket
 import sys
 
 import torch
@@ -83,6 +91,68 @@ def patch_fairseq_batching():
         data_utils.batch_by_size = _keeping_the_last_batch(data_utils.batch_by_size)
 
 
+def _free_local_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launched_from_outside(dt):
+    """torchrun/torch.distributed.launch (its environment), SLURM (a --distributed-port), or an explicit
+    --distributed-init-method: fairseq sets these up itself."""
+    import os
+
+    env_launch = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
+    return dt.distributed_init_method is not None or env_launch or dt.distributed_port > 0
+
+
+def _cpu_workers(call_main, distributed_main):
+    """fairseq's call_main, with --cpu: gloo, and on one node one spawned worker per world-size slot."""
+    import torch.multiprocessing as mp
+
+    def patched(cfg, main, **kwargs):
+        dt = cfg.distributed_training
+        if not cfg.common.cpu or dt.distributed_world_size <= 1:
+            return call_main(cfg, main, **kwargs)
+        if dt.distributed_backend == "nccl":  # fairseq's default; nccl has no CPU tensors
+            dt.distributed_backend = "gloo"
+        if _launched_from_outside(dt) or dt.distributed_no_spawn:
+            return call_main(cfg, main, **kwargs)
+        dt.distributed_init_method = f"tcp://127.0.0.1:{_free_local_port()}"
+        kwargs["start_rank"] = dt.distributed_rank
+        dt.distributed_rank = None  # assigned per worker by distributed_main, as fairseq does for GPUs
+        mp.spawn(fn=distributed_main, args=(main, cfg, kwargs), nprocs=dt.distributed_world_size, join=True)
+
+    patched._el_fairseq = True
+    return patched
+
+
+def _cpu_aware_ddp(ddp_class):
+    """torch's DistributedDataParallel, without device ids for a module on the CPU (torch refuses them)."""
+
+    class DistributedDataParallel(ddp_class):
+        def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
+            if all(p.device.type == "cpu" for p in module.parameters()):
+                device_ids = output_device = None
+            super().__init__(module, device_ids, output_device, *args, **kwargs)
+
+    DistributedDataParallel._el_fairseq = True
+    return DistributedDataParallel
+
+
+def patch_fairseq_distributed_cpu():
+    try:
+        from fairseq.distributed import utils as distributed_utils
+        from fairseq.models import distributed_fairseq_model
+    except ImportError:
+        return
+    if not getattr(distributed_utils.call_main, "_el_fairseq", False):
+        distributed_utils.call_main = _cpu_workers(distributed_utils.call_main, distributed_utils.distributed_main)
+    ddp = distributed_fairseq_model.DistributedDataParallel
+    if not getattr(ddp, "_el_fairseq", False):
+        distributed_fairseq_model.DistributedDataParallel = _cpu_aware_ddp(ddp)
+
+
 def _one_line_option_errors(previous_hook):
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, EncouragingLossOptionError):
@@ -103,4 +173,5 @@ def install_excepthook():
 
 patch_fairseq_checkpoint_loading()
 patch_fairseq_batching()
+patch_fairseq_distributed_cpu()
 install_excepthook()

@@ -1,6 +1,14 @@
-"""Multi-worker contract on CPU (gloo): two workers, half a batch each, gradients all-reduced and
-logging outputs summed (logging_outputs_can_be_summed), equal the whole batch in one process.
-fairseq's own launcher needs CUDA devices, so torch.distributed is driven directly."""
+"""Multi-worker training on CPU (gloo), the code path of multi-GPU training.
+
+1. The criterion's contract, driven through torch.distributed directly: two workers, half a batch
+   each, gradients all-reduced and logging outputs summed (logging_outputs_can_be_summed), equal
+   the whole batch in one process.
+2. fairseq-train itself: `--cpu --distributed-world-size 2` (two gloo workers spawned by fairseq's
+   launcher through el_fairseq.compat, sharded batches, DDP's gradient all-reduce, summed logs)
+   equals one worker with `--update-freq 2` on the same data: the same batches make each update,
+   so training and validation loss and diagnostics agree to the digits fairseq logs.
+"""
+import json
 import socket
 
 import pytest
@@ -8,7 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import run
 from fairseq_fixtures import TinyModel, build, make_sample
+
+from el_fairseq.cli import user_dir
 
 VOCAB = 40
 KEYS = ("loss", "nll_loss", "ntokens", "nsentences", "sample_size",
@@ -58,3 +69,43 @@ def test_two_gloo_workers_equal_one_process(tmp_path, name, impl):
     grad, logs = step(name, impl, make_sample(6, 8, VOCAB, seed=5))
     assert torch.allclose(got["grad"], grad, rtol=1e-5, atol=1e-6)
     assert torch.allclose(got["logs"], logs, rtol=1e-5, atol=1e-4)  # energy_sum is ~0 here
+
+
+TINY = ["--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "64",
+        "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+LOGGED = ("loss", "nll_loss", "wpb", "bsz", "gnorm")
+DIAGNOSTICS = ("margin", "energy", "p_y", "well_classified_pct")
+
+
+def fairseq_train(data_bin, criterion, *workers):
+    proc = run("fairseq-train", str(data_bin / "bin"), "--user-dir", user_dir(), *TINY, *criterion,
+               "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt",
+               "--warmup-updates", "10", "--max-tokens", "700", "--max-update", "8", "--dropout", "0",
+               "--log-format", "json", "--log-interval", "1", "--cpu", "--seed", "3", "--no-save",
+               "--num-workers", "0", *workers)
+    log = proc.stdout + proc.stderr
+    records = {"train_inner": [], "valid": []}
+    for line in log.splitlines():
+        for kind in records:
+            if f"| {kind} | " in line:
+                records[kind].append(json.loads(line.split(f"| {kind} | ", 1)[1]))
+    return log, records
+
+
+@pytest.mark.parametrize("criterion", [
+    ["--criterion", "encouraging_loss", "--el-impl", "native", "--log-end", "0.75"],
+    ["--criterion", "encouraging_loss", "--el-impl", "chunked", "--bonus-label-smoothing", "0.1"],
+    ["--criterion", "label_smoothed_cross_entropy_with_diagnostics"],
+], ids=["el-native", "el-chunked", "ls-ce"])
+def test_fairseq_train_two_cpu_workers_equal_update_freq_2(data_bin, criterion):
+    log2, two = fairseq_train(data_bin, criterion, "--distributed-world-size", "2")
+    assert "distributed init (rank 0)" in log2 and "distributed init (rank 1)" in log2
+    log1, one = fairseq_train(data_bin, criterion, "--update-freq", "2")
+    assert "distributed init" not in log1
+    assert len(one["train_inner"]) == len(two["train_inner"]) == 8 and len(one["valid"]) == len(two["valid"]) == 1
+    keys = LOGGED + DIAGNOSTICS
+    for a, b in zip(one["train_inner"], two["train_inner"]):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    valid_keys = [f"valid_{k}" for k in ("loss", "nll_loss", *DIAGNOSTICS)]
+    assert {k: one["valid"][0][k] for k in valid_keys} == {k: two["valid"][0][k] for k in valid_keys}
