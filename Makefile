@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.el-fairseq-installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -17,10 +17,21 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m el_fairseq.demo --out results/demo
+	$(PY) -m el_fairseq.pipeline.demo --out results/demo
 
 bench: install
 	$(PY) -m benchmarks.loss_benchmark
 
+# On a machine with a CUDA GPU: its own CUDA torch (a venv that sees the system's packages; install.sh keeps
+# an importable torch), then CUDA tests, the loss benchmark on the GPU and a short fp16 CE/EL training.
+# GPU_CHECK_ARGS: e.g. --raw-dir DIR (Multi30k), --data DATA_BIN, --updates 300. See README "GPU check".
+GPU_VENV ?= .venv-gpu
+$(GPU_VENV)/.el-fairseq-installed: requirements.txt setup.py scripts/install.sh
+	VENV=$(GPU_VENV) VENV_SYSTEM_SITE=1 bash scripts/install.sh
+	touch $@
+
+gpu-check: $(GPU_VENV)/.el-fairseq-installed
+	$(GPU_VENV)/bin/python -m el_fairseq.pipeline.gpu_check $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) results/demo .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) results/demo .pytest_cache

@@ -19,7 +19,7 @@ setup(
             "el-fairseq-user-dir=el_fairseq.cli:print_user_dir",
             "el-fairseq-generate=el_fairseq.cli:generate",
             "el-fairseq-train=el_fairseq.cli:train",
-            "el-fairseq-average-checkpoints=el_fairseq.cli:average_checkpoints",
+            "el-fairseq-average-checkpoints=el_fairseq.pipeline.checkpoints:main",
         ]
     },
 )

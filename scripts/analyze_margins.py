@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from el_fairseq.analysis import analyze, parse_paths  # noqa: E402
+from el_fairseq.pipeline.analysis import analyze, parse_paths  # noqa: E402
 
 
 def main():

@@ -3,4 +3,4 @@
 # fairseq-generate (beam 5), fairseq's tokenized BLEU, sacreBLEU with its signature, result.json.
 set -euo pipefail
 source "$(dirname "$0")/_python.sh"
-exec "$PY" -m el_fairseq.evaluate "$@"
+exec "$PY" -m el_fairseq.pipeline.evaluate "$@"

@@ -5,4 +5,4 @@
 # test subset, report (OUT/RESULTS.md, results.json, plots). Resumable.
 set -euo pipefail
 source "$(dirname "$0")/_python.sh"
-exec "$PY" -m el_fairseq.reproduce "$@"
+exec "$PY" -m el_fairseq.pipeline.reproduce "$@"

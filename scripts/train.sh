@@ -3,4 +3,4 @@
 #   --loss ce|el --seed N --data DIR --save-dir DIR [--precision fp16|bf16|fp32] [--cpu] [--dry-run] [fairseq flags]
 set -euo pipefail
 source "$(dirname "$0")/_python.sh"
-exec "$PY" -m el_fairseq.train "$@"
+exec "$PY" -m el_fairseq.pipeline.train "$@"

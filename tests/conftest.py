@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 BIN = os.path.dirname(sys.executable)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; `make gpu-check` runs these (-m cuda)")
+
+
 def run(tool, *args, cwd=None, check=True):
     """Run a console script of this environment (fairseq-*, el-fairseq-*)."""
     proc = subprocess.run([os.path.join(BIN, tool), *args], cwd=cwd, capture_output=True, text=True,
@@ -23,7 +27,7 @@ def run(tool, *args, cwd=None, check=True):
 @pytest.fixture(scope="session")
 def data_bin(tmp_path_factory):
     """The generated toy corpus, binarised by fairseq-preprocess: ROOT/bin."""
-    from el_fairseq.synthetic import binarize, write_corpus
+    from el_fairseq.pipeline.synthetic import binarize, write_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     write_corpus(str(root / "raw"), sizes=(("train", 1500), ("valid", 100), ("test", 100)))

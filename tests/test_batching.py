@@ -56,7 +56,7 @@ def test_batches_hold_exactly_the_kept_indices_after_length_filtering(max_tokens
 
 
 def write_corpus_with_long_pairs(folder, rng):
-    from el_fairseq.synthetic import source_sentence, translate
+    from el_fairseq.pipeline.synthetic import source_sentence, translate
 
     os.makedirs(folder, exist_ok=True)
     for split, n in (("train", 300), ("valid", 40), ("test", 40)):
@@ -76,7 +76,7 @@ def test_fairseq_train_on_a_corpus_with_over_long_pairs(tmp_path):
     import random
 
     from el_fairseq.cli import user_dir
-    from el_fairseq.synthetic import binarize
+    from el_fairseq.pipeline.synthetic import binarize
 
     write_corpus_with_long_pairs(str(tmp_path / "raw"), random.Random(7))
     binarize(str(tmp_path / "raw"), str(tmp_path / "bin"))

@@ -130,7 +130,7 @@ def check_sacrebleu_uses_raw_references(checkpoint, data_bin, tmp_path):
 
     from sacrebleu.metrics import BLEU
 
-    from el_fairseq import testsets
+    from el_fairseq.pipeline import testsets
 
     data = tmp_path / "cased"
     shutil.copytree(data_bin / "bin", data)

@@ -214,6 +214,7 @@ def test_stats_are_energy_and_margin(impl):
     assert torch.allclose(stats, torch.tensor([[5.0, 3.0], [4.0, 0.0], [1.0, -2.0]]))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("spec", [BonusSpec(), BonusSpec(log_end=1.0, epsilon=0.0), BonusSpec("power", gamma=2.0)])

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from el_fairseq.recipes import effective_batch_tokens, train_command
-from el_fairseq.report import aggregate, report
+from el_fairseq.pipeline.recipes import effective_batch_tokens, train_command
+from el_fairseq.pipeline.report import aggregate, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,17 +53,17 @@ def test_dry_run_carries_the_paper_hyperparameters(task, recipe):
         assert ("--share-all-embeddings" in line) == (task == "fr-en")
     assert sorted(int(flag(line, "--seed")) for line in train) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert all(flag(line, "--keep-last-epochs") == "10" for line in train)
-    averages = [line for line in lines if "el_fairseq.checkpoints" in line]
+    averages = [line for line in lines if "el_fairseq.pipeline.checkpoints" in line]
     assert len(averages) == 10 and all(flag(line, "--num-epoch-checkpoints") == "10" for line in averages)
-    evals = [line for line in lines if "el_fairseq.evaluate" in line]
+    evals = [line for line in lines if "el_fairseq.pipeline.evaluate" in line]
     assert len(evals) == 20 and {("avg_last10.pt" in e) or ("checkpoint_best.pt" in e) for e in evals} == {True}
     assert all(flag(e, "--remove-bpe") == ("sentencepiece" if task == "fr-en" else "@@ ") for e in evals)
-    assert "el_fairseq.report" in lines[-1]
+    assert "el_fairseq.pipeline.report" in lines[-1]
 
 
 @pytest.mark.parametrize("pair", ["de-en", "fr-en"])
 def test_cpu_recipe_dry_run_through_the_one_front(pair, tmp_path):
-    from el_fairseq import testsets
+    from el_fairseq.pipeline import testsets
 
     data = tmp_path / "bin"
     data.mkdir()
@@ -84,11 +84,11 @@ def test_cpu_recipe_dry_run_through_the_one_front(pair, tmp_path):
     assert all(flag(line, "--encoder-layers") == "2" and flag(line, "--encoder-ffn-embed-dim") == "512" and
                flag(line, "--best-checkpoint-metric") == "nll_loss" and "--eval-bleu" not in line and "--cpu" in line
                for line in train)
-    evals = [line for line in lines if "el_fairseq.evaluate" in line]
+    evals = [line for line in lines if "el_fairseq.pipeline.evaluate" in line]
     assert len(evals) == 6 * 2 * 2  # runs x {avg, best} x {test, test1}
     assert {flag(e, "--subset") for e in evals} == {"test", "test1"}
     assert all(flag(e, "--out").endswith(f"_{flag(e, '--subset')}") for e in evals)
-    averages = [line for line in lines if "el_fairseq.checkpoints" in line]
+    averages = [line for line in lines if "el_fairseq.pipeline.checkpoints" in line]
     assert all(flag(line, "--num-epoch-checkpoints") == "5" for line in averages)
     bad = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce.sh"), "multi30k-cpu-xx-en", "--dry-run"],
                          capture_output=True, text=True)
@@ -188,7 +188,7 @@ def test_aggregate_single_seed_has_zero_std_and_missing_loss_has_no_delta():
 
 def test_reproduction_runs_then_skips_finished_work(data_bin, tmp_path):
     out = tmp_path / "repro"
-    cmd = [sys.executable, "-m", "el_fairseq.reproduce", "demo", "--seeds", "1", "--data", str(data_bin / "bin"),
+    cmd = [sys.executable, "-m", "el_fairseq.pipeline.reproduce", "demo", "--seeds", "1", "--data", str(data_bin / "bin"),
            "--out", str(out), "--avg-last", "2", "--cpu", "--max-epoch", "2", "--max-tokens", "4096"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -214,7 +214,7 @@ def test_train_log_follows_the_run_line_by_line(tmp_path):
     import threading
     import time
 
-    from el_fairseq.train import run_logged
+    from el_fairseq.pipeline.train import run_logged
 
     log = tmp_path / "train.log"
     cmd = [sys.executable, "-c", "import sys, time; print('epoch 1 done'); time.sleep(4); print('epoch 2 done')"]

@@ -103,9 +103,9 @@ def _subword_nmt_stages(stages, first, prep, tmp, src, tgt, merges, tests=("test
 
 def write_testsets(data_bin, prep, src, tgt, subsets, lowercased, bpe_kind):
     """Copy each test subset's raw text beside the binarised data and describe the subsets in
-    DATA_BIN/testsets.json (el_fairseq.testsets): evaluation scores sacreBLEU against these
+    DATA_BIN/testsets.json (el_fairseq.pipeline.testsets): evaluation scores sacreBLEU against these
     untouched references, lowercased when the preparation lowercased."""
-    from el_fairseq import testsets
+    from el_fairseq.pipeline import testsets
 
     info = testsets.write(data_bin, src, tgt, {
         subset: (name, {l: os.path.join(prep, "tmp", f"{subset}.raw.{l}") for l in (src, tgt)})

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torch
 
-from . import compat  # noqa: F401  (torch >= 2.6 checkpoint loading)
-from .loss.diagnostics import WELL_CLASSIFIED_P, token_stats_from_logits
+from .. import compat  # noqa: F401  (torch >= 2.6 checkpoint loading)
+from ..loss.diagnostics import WELL_CLASSIFIED_P, token_stats_from_logits
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

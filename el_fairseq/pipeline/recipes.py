@@ -76,13 +76,13 @@ RECIPES = {
         warmup_updates=400, avg_last=5, eval_bleu=False,
         description="Multi30k on a CPU: 2+2-layer 256-dim transformer (FFN 512), 10 epochs",
     ),
-    # CPU demo on the generated corpus (el_fairseq.synthetic): a tiny model, no BLEU-based selection.
+    # CPU demo on the generated corpus (el_fairseq.pipeline.synthetic): a tiny model, no BLEU-based selection.
     "demo": Recipe(
         name="demo",
         arch_flags=small_transformer(layers=2, dim=64, ffn=256, heads=4),
         lr=2e-3, weight_decay=1e-4, dropout=0.1, max_tokens=2048, update_freq=1, max_update=300,
         warmup_updates=100, remove_bpe="", detok="space", avg_last=5, eval_bleu=False,
-        description="generated toy language pair (el_fairseq.synthetic), 2+2-layer 64-dim transformer, CPU",
+        description="generated toy language pair (el_fairseq.pipeline.synthetic), 2+2-layer 64-dim transformer, CPU",
     ),
 }
 

@@ -4,7 +4,7 @@
     keeps beside the binarised data (DATA_BIN/{subset}.raw.{tgt}, described in testsets.json),
     lowercased (signature case:lc) where the preparation lowercased, with its signature.
 
-    python -m el_fairseq.evaluate CHECKPOINT DATA_BIN [--subset test|test,test1|all] [--remove-bpe '@@ '|sentencepiece]
+    python -m el_fairseq.pipeline.evaluate CHECKPOINT DATA_BIN [--subset test|test,test1|all] [--remove-bpe '@@ '|sentencepiece]
                                   [--detok moses|space] [--out DIR] [--cpu]
 
 Data without raw references (prepared elsewhere) is refused for sacreBLEU: scoring against the
@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 from . import testsets
-from .cli import user_dir
+from ..cli import user_dir
 
 BLEU_LINE = re.compile(r"BLEU4? = ([0-9.]+)")
 

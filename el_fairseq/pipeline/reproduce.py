@@ -1,6 +1,6 @@
 """CE vs EL over seeds: train, average the last epoch checkpoints, evaluate, report.
 
-    python -m el_fairseq.reproduce TARGET [--seeds 1-5] [--data DIR] [--out DIR] [--only train]
+    python -m el_fairseq.pipeline.reproduce TARGET [--seeds 1-5] [--data DIR] [--out DIR] [--only train]
                                    [--dry-run] [--cpu] [--precision fp16] [FAIRSEQ FLAGS...]
 
 TARGET: a recipe with its language pair (iwslt14-de-en, iwslt17-fr-en, multi30k-de-en,
@@ -10,7 +10,7 @@ Every test subset of the data folder (DATA/testsets.json) is evaluated and named
 Resumable: a run with SAVE_DIR/DONE is not trained again (an unfinished one resumes from its
 checkpoint_last.pt), an existing average or result.json is kept. --dry-run prints every command.
 Layout: OUT/{ce,el}_seed{N}/ (checkpoints, train.log, avg_last{K}.pt, eval_{avg,best}[_SUBSET]/),
-then OUT/RESULTS.md, OUT/results.json and OUT/*.png from el_fairseq.report.
+then OUT/RESULTS.md, OUT/results.json and OUT/*.png from el_fairseq.pipeline.report.
 """
 import argparse
 import os
@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 from . import testsets
-from .cli import user_dir
+from ..cli import user_dir
 from .evaluate import fairseq_tool
 from .recipes import RECIPES, quote, train_command
 from .train import DONE, visible_gpus
@@ -64,7 +64,7 @@ def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=None, ext
             # Only the last avg_last epoch checkpoints are used: keep no more (each is ~450 MiB for
             # transformer_iwslt_de_en with its Adam state). Training itself is unaffected.
             keep = ["--keep-last-epochs", str(avg_last)]
-            train = [py, "-m", "el_fairseq.train", "--recipe", recipe.name, "--loss", loss, "--seed", str(seed),
+            train = [py, "-m", "el_fairseq.pipeline.train", "--recipe", recipe.name, "--loss", loss, "--seed", str(seed),
                      "--data", data, "--save-dir", run, "--precision", precision, *(["--cpu"] if cpu else []),
                      *keep, *extra]
             # --dry-run shows the fairseq-train command itself; running goes through the wrapper (log, DONE).
@@ -75,17 +75,17 @@ def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=None, ext
                 continue
             avg = os.path.join(run, f"avg_last{avg_last}.pt")
             steps.append((f"average {loss} seed {seed}", avg,
-                          [py, "-m", "el_fairseq.checkpoints", "--inputs", run, "--num-epoch-checkpoints",
+                          [py, "-m", "el_fairseq.pipeline.checkpoints", "--inputs", run, "--num-epoch-checkpoints",
                            str(avg_last), "--output", avg]))
             for kind, ckpt in (("avg", avg), ("best", os.path.join(run, "checkpoint_best.pt"))):
                 for subset in testsets.subsets(data):
                     ev = os.path.join(run, f"eval_{kind}_{subset}")
                     steps.append((f"evaluate {loss} seed {seed} {kind} {subset}", os.path.join(ev, "result.json"),
-                                  [py, "-m", "el_fairseq.evaluate", ckpt, data, "--subset", subset,
+                                  [py, "-m", "el_fairseq.pipeline.evaluate", ckpt, data, "--subset", subset,
                                    "--remove-bpe", recipe.remove_bpe, "--detok", recipe.detok, "--out", ev,
                                    *(["--cpu"] if cpu else [])]))
     if only != "train":
-        steps.append(("report", None, [py, "-m", "el_fairseq.report", out, "--task", task, "--data", data,
+        steps.append(("report", None, [py, "-m", "el_fairseq.pipeline.report", out, "--task", task, "--data", data,
                                        *(["--cpu"] if cpu else [])]))
     return steps
 

@@ -1,7 +1,7 @@
 """`make demo`: the whole CE-vs-EL pipeline on CPU in minutes, no network.
 
-Generates the toy parallel corpus (el_fairseq.synthetic), binarises it with fairseq-preprocess,
-then runs el_fairseq.reproduce (train CE and EL per seed, average the last epoch checkpoints,
+Generates the toy parallel corpus (el_fairseq.pipeline.synthetic), binarises it with fairseq-preprocess,
+then runs el_fairseq.pipeline.reproduce (train CE and EL per seed, average the last epoch checkpoints,
 generate, score, report) into OUT (default results/demo): RESULTS.md, results.json, PNG plots.
 """
 import argparse

@@ -2,7 +2,7 @@
 untouched reference text lies ({subset}.raw.{lang}, line i = fairseq sentence id i), so that
 sacreBLEU scores detokenised output against real references (lowercased where the data is).
 
-Written by data-prep and the demo, read by el_fairseq.evaluate.
+Written by data-prep and the demo, read by el_fairseq.pipeline.evaluate.
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """How a result was made: versions, the machine, the el-fairseq revision; a run's time and speed.
 
-Written by el_fairseq.train into SAVE_DIR/provenance.json at the start of a run and read by the
+Written by el_fairseq.pipeline.train into SAVE_DIR/provenance.json at the start of a run and read by the
 report, so that results.json says which command, code and machine produced each number.
 """
 import json
@@ -84,20 +84,24 @@ def read(path):
         return json.load(f)
 
 
-def epoch_records(log_path, stage):
-    """{epoch: record} of fairseq's json log lines `| train | {...}` or `| valid | {...}` (stage)."""
-    records = {}
+def log_records(log_path, stage):
+    """fairseq's json log lines `| STAGE | {...}` (train_inner, train, valid), in order."""
+    records = []
     marker = f"| {stage} | "
     with open(log_path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if marker not in line:
                 continue
             try:
-                rec = json.loads(line.split(marker, 1)[1])
-                records[int(rec["epoch"])] = rec
-            except (ValueError, KeyError):
+                records.append(json.loads(line.split(marker, 1)[1]))
+            except ValueError:
                 continue
     return records
+
+
+def epoch_records(log_path, stage):
+    """{epoch: record} of fairseq's json log lines `| train | {...}` or `| valid | {...}` (stage)."""
+    return {int(rec["epoch"]): rec for rec in log_records(log_path, stage) if "epoch" in rec}
 
 
 def training_speed(log_path):

@@ -1,6 +1,6 @@
 """Training wrapper: fairseq-train with a paper recipe, CE or EL, on all visible GPUs.
 
-    python -m el_fairseq.train --recipe iwslt14-de-en --loss el --seed 1 --data DATA_BIN --save-dir DIR
+    python -m el_fairseq.pipeline.train --recipe iwslt14-de-en --loss el --seed 1 --data DATA_BIN --save-dir DIR
                                [--precision fp16|bf16|fp32] [--cpu] [--dry-run] [--diagnostics] [FAIRSEQ FLAGS...]
 
 GPUs: fp16 by default; fairseq's own distributed training uses every visible GPU, and the
@@ -17,7 +17,7 @@ import sys
 import time
 
 from . import provenance
-from .cli import user_dir
+from ..cli import user_dir
 from .evaluate import fairseq_tool
 from .recipes import LOSS_FLAGS, RECIPES, quote, train_command
 

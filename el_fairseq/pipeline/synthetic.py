@@ -75,7 +75,7 @@ def write_corpus(dest, sizes=(("train", 4000), ("valid", 200), ("test", 200)), s
 
 def binarize(raw, data_bin, src="src", tgt="tgt", workers=1):
     """fairseq-preprocess RAW/{train,valid,test}.{src,tgt} into DATA_BIN (via a temporary name), with
-    the test references kept as raw text for sacreBLEU (el_fairseq.testsets). Returns DATA_BIN."""
+    the test references kept as raw text for sacreBLEU (el_fairseq.pipeline.testsets). Returns DATA_BIN."""
     from . import testsets
 
     tool = os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess")

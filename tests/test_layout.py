@@ -1,0 +1,78 @@
+"""The package's two halves: the plugin (loss/, criterions/, compat, cli) never imports the pipeline
+(pipeline/), and no module of el_fairseq takes part in an import cycle (cli <-> checkpoints was one)."""
+import ast
+import os
+import subprocess
+import sys
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "el_fairseq")
+
+
+def module_name(path):
+    rel = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def imports_of(path):
+    """el_fairseq modules imported anywhere in the file (function bodies included)."""
+    name = module_name(path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("el_fairseq")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if not base.startswith("el_fairseq"):
+                continue
+            for alias in node.names:  # `from . import compat` imports a module, `from .x import f` x
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in MODULES else base)
+    return found - {name}
+
+
+MODULES = {}
+for root, _, files in os.walk(PACKAGE):
+    for f in files:
+        if f.endswith(".py"):
+            MODULES[module_name(os.path.join(root, f))] = os.path.join(root, f)
+GRAPH = {name: {m for m in imports_of(path) if m in MODULES} for name, path in MODULES.items()}
+
+
+def test_the_modules_are_found():
+    assert {"el_fairseq.cli", "el_fairseq.pipeline.checkpoints", "el_fairseq.loss.chunked"} <= set(GRAPH)
+    assert "el_fairseq.compat" in GRAPH["el_fairseq.pipeline.checkpoints"]
+
+
+def test_plugin_never_imports_the_pipeline():
+    for name, deps in GRAPH.items():
+        if not name.startswith("el_fairseq.pipeline"):
+            assert not {d for d in deps if d.startswith("el_fairseq.pipeline")}, name
+
+
+def test_no_import_cycle():
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in GRAPH[node]:
+            if state.get(dep) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_fairseq_plugin_import_loads_no_pipeline_module():
+    code = ("import sys, el_fairseq, el_fairseq.cli, el_fairseq.criterions; "
+            "print(sorted(m for m in sys.modules if m.startswith('el_fairseq.pipeline')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
