@@ -33,3 +33,15 @@ def data_bin(tmp_path_factory):
     write_corpus(str(root / "raw"), sizes=(("train", 1500), ("valid", 100), ("test", 100)))
     binarize(str(root / "raw"), str(root / "bin"))
     return root
+
+
+@pytest.fixture
+def fresh_kernel_state():
+    """No first-use self-check result and no fallback warning left over from another test."""
+    from el_fairseq.loss import dispatch, self_check
+
+    self_check.reset()
+    dispatch._warned.clear()
+    yield
+    self_check.reset()
+    dispatch._warned.clear()

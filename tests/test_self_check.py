@@ -11,13 +11,7 @@ from el_fairseq.loss.bonus import BonusSpec
 PAD = 1
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    self_check.reset()
-    dispatch._warned.clear()
-    yield
-    self_check.reset()
-    dispatch._warned.clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_state")
 
 
 def batch(seed=0):
