@@ -20,6 +20,7 @@
    free local port), and torch's DDP without device ids. torchrun and SLURM launches with --cpu
    keep fairseq's own set-up and get gloo. Nothing changes without --cpu.
 """
+import os
 import socket
 import sys
 
@@ -100,8 +101,6 @@ def _free_local_port():
 def _launched_from_outside(dt):
     """torchrun/torch.distributed.launch (its environment), SLURM (a --distributed-port), or an explicit
     --distributed-init-method: fairseq sets these up itself."""
-    import os
-
     env_launch = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
     return dt.distributed_init_method is not None or env_launch or dt.distributed_port > 0
 
