@@ -226,3 +226,24 @@ def test_train_log_follows_the_run_line_by_line(tmp_path):
     seen_early = "epoch 1 done" in log.read_text()
     worker.join()
     assert seen_early and log.read_text().splitlines()[-1] == "epoch 2 done"
+
+
+def test_training_speed_sums_the_epochs_training_time(tmp_path):
+    """train_train_wall in fairseq's end-of-epoch record is that epoch's alone (the "train" meters are
+    reset every epoch); the run's training time is their sum. Records as fairseq-train writes them,
+    with a resumed epoch 2 (interrupted, then logged again: the later record counts)."""
+    from el_fairseq.pipeline.provenance import training_speed
+
+    def record(epoch, updates, wps, train_wall, wall):
+        return (f'2026-11-25 15:23:32 | INFO | train | {{"epoch": {epoch}, "train_loss": "4.435", '
+                f'"train_wps": "{wps}", "train_num_updates": "{updates}", "train_train_wall": "{train_wall}", '
+                f'"train_wall": "{wall}"}}\n')
+
+    log = tmp_path / "train.log"
+    log.write_text("# fairseq-train ...\n" + record(1, 123, "2000", "190", "220") + record(2, 246, "1000", "400", "700")
+                   + "2026-11-25 15:24:00 | INFO | fairseq_cli.train | begin training epoch 2\n"
+                   + record(2, 246, "2500", "160", "420") + record(3, 369, "2000", "170", "630"))
+    speed = training_speed(str(log))
+    assert speed["epochs"] == 3 and speed["wall_s"] == 630.0
+    assert speed["train_wall_s"] == 190.0 + 160.0 + 170.0
+    assert abs(speed["tokens_per_s"] - 3 / (1 / 2000 + 1 / 2500 + 1 / 2000)) < 1e-9

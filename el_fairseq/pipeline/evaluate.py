@@ -72,14 +72,12 @@ def target_lang(data_bin):
     raise ValueError(f"{data_bin}: no binarised fairseq data found")
 
 
-def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses", out_dir=None,
-             cpu=False, beam=5, max_tokens=8000, extra=()):
+def generate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", cpu=False, beam=5, max_tokens=8000, extra=()):
+    """fairseq-generate on SUBSET: (stdout, {id: hypothesis}, {id: reference}, tokenized BLEU)."""
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if not os.path.isdir(data_bin):
         raise FileNotFoundError(f"data-bin folder not found: {data_bin}")
-    lang = target_lang(data_bin)
-    refs_raw, lowercase, set_name = testsets.raw_references(data_bin, subset, lang)
     cmd = fairseq_tool("fairseq-generate") + [
         data_bin, "--user-dir", user_dir(), "--path", checkpoint, "--gen-subset", subset,
         "--beam", str(beam), "--max-tokens", str(max_tokens), *extra]
@@ -93,6 +91,18 @@ def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses
     hyps, refs, tok_bleu = parse_generate(proc.stdout)
     if not hyps or tok_bleu is None:
         raise RuntimeError("fairseq-generate printed no hypotheses or no BLEU line")
+    return proc.stdout, hyps, refs, tok_bleu
+
+
+def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses", out_dir=None,
+             cpu=False, beam=5, max_tokens=8000, extra=()):
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if not os.path.isdir(data_bin):
+        raise FileNotFoundError(f"data-bin folder not found: {data_bin}")
+    lang = target_lang(data_bin)
+    refs_raw, lowercase, set_name = testsets.raw_references(data_bin, subset, lang)
+    stdout, hyps, refs, tok_bleu = generate(checkpoint, data_bin, subset, remove_bpe, cpu, beam, max_tokens, extra)
     if sorted(refs) != list(range(len(refs_raw))):
         raise RuntimeError(f"fairseq-generate scored {len(refs)} sentences of {subset} but its raw references "
                            f"have {len(refs_raw)} lines: the data folder is inconsistent")
@@ -113,7 +123,7 @@ def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses
     }
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        write_atomic(os.path.join(out_dir, "generate.txt"), proc.stdout)
+        write_atomic(os.path.join(out_dir, "generate.txt"), stdout)
         write_atomic(os.path.join(out_dir, "hyp.detok.txt"), "".join(h + "\n" for h in hyp_detok))
         write_atomic(os.path.join(out_dir, "ref.txt"), "".join(r + "\n" for r in refs_raw))
         write_atomic(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1) + "\n")

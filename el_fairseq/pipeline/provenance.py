@@ -104,6 +104,15 @@ def epoch_records(log_path, stage):
     return {int(rec["epoch"]): rec for rec in log_records(log_path, stage) if "epoch" in rec}
 
 
+def training_seconds(epochs, upto):
+    """Seconds spent in training steps in epochs 1..UPTO, from {epoch: end-of-epoch record}.
+
+    Epoch summaries prefix every key with "train_": train_wall is the run's wall clock so far
+    (validation and checkpoint saving included), but train_train_wall is the epoch's own time in
+    training steps (fairseq resets the "train" meters every epoch), hence the sum."""
+    return float(sum(float(rec.get("train_train_wall", 0)) for epoch, rec in epochs.items() if epoch <= upto))
+
+
 def training_speed(log_path):
     """From fairseq's json log: {'epochs', 'wall_s', 'train_wall_s', 'tokens_per_s'} of the run
     (tokens/s over the whole run: every epoch has the same tokens, so the harmonic mean of the
@@ -113,10 +122,8 @@ def training_speed(log_path):
     epochs = epoch_records(log_path, "train")
     if not epochs:
         return None
-    # epoch summaries prefix every key with "train_": train_wall is the run's wall clock so far,
-    # train_train_wall the time spent in training steps.
     last = epochs[max(epochs)]
     wps = [float(r["train_wps"]) for r in epochs.values() if float(r.get("train_wps", 0)) > 0]
     return {"epochs": len(epochs), "wall_s": float(last.get("train_wall", 0)),
-            "train_wall_s": float(last.get("train_train_wall", 0)),
+            "train_wall_s": training_seconds(epochs, max(epochs)),
             "tokens_per_s": len(wps) / sum(1 / w for w in wps) if wps else None}
