@@ -60,15 +60,20 @@ RECIPES = {
         dropout=0.3, max_tokens=4096, update_freq=1, max_update=4000, warmup_updates=1000,
         description="Multi30k (29k sentence pairs), transformer_iwslt_de_en; minutes on one GPU",
     ),
-    # Multi30k on a 2-core CPU (both directions). Why this model: measured on this kind of machine
-    # (fairseq-train --cpu, 2 threads, BPE 8k, ~3,500 target tokens a batch), transformer_iwslt_de_en
-    # trains at ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN 1024 at ~3,300 tokens/s,
-    # and 2+2 layers of 256 dimensions with FFN 512 at ~5,500 tokens/s (~80 s an epoch), which reaches
-    # mid-30s BLEU on test2016 in about 10 epochs. With data-prep's default 10k BPE and other work on
-    # the machine a run takes longer: docs/RESULTS.md has the measured time per run.
+    # Multi30k on a 2-core CPU (both directions). Why this model: measured on one such machine
+    # (fairseq-train --cpu, 2 threads, ~3,500 target tokens a batch), transformer_iwslt_de_en trains
+    # at ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN 1024 at ~3,300 tokens/s, and
+    # 2+2 layers of 256 dimensions with FFN 512 at ~5,500 tokens/s (3,500-3,800 on the AMD EPYC below).
+    # Why 10 epochs, BLEU against time (python -m el_fairseq.pipeline.curve, De-En, CE, seed 1, alone
+    # on the 2-core AMD EPYC, both threads, 3,500-3,800 tokens/s; docs/RESULTS.md "Choosing the CPU
+    # schedule"): tokenized validation BLEU 27.0 after 5 epochs (9.7 min), 31.5 after 7 (14.2 min),
+    # 35.3 after 10 (20.2 min), 38.0 after 14 (28.0 min). A 15-minute run (7 epochs) would give up
+    # ~4 BLEU; 10 epochs is the compromise that fits three seeds of both losses and both directions
+    # (12 runs, two at a time, ~35 min a pair: ~3.5 h). BLEU still rises ~0.5-2 per epoch at epoch 10, so
+    # the 5 averaged epochs (6-10) span ~6 BLEU and their average scores below the last checkpoint;
+    # the report gives both (averaged = the paper's protocol, best = epoch 10 here).
     # Validation BLEU (beam search over 1,014 sentences each epoch) would add about a third to the
-    # time, so the best checkpoint is chosen by validation NLL, which CE and EL both log the same way;
-    # the report averages the last 5 of the 10 epoch checkpoints.
+    # time, so the best checkpoint is chosen by validation NLL, which CE and EL both log the same way.
     "multi30k-cpu": Recipe(
         name="multi30k-cpu",
         arch_flags=small_transformer(layers=2, dim=256, ffn=512, heads=4),
