@@ -3,8 +3,8 @@
     python -m el_fairseq.pipeline.curve SAVE_DIR DATA_BIN [--subset valid] [--remove-bpe '@@ '] [--cpu]
                                         [--out SAVE_DIR/curve.json]
 
-Every epoch checkpoint SAVE_DIR/checkpointN.pt (train with --keep-last-epochs 0, fairseq's default,
-to keep them all) is decoded on SUBSET with beam 5 and scored with fairseq's tokenized BLEU; beside it
+Every epoch checkpoint SAVE_DIR/checkpointN.pt (fairseq keeps them all unless --keep-last-epochs
+is positive) is decoded on SUBSET with beam 5 and scored with fairseq's tokenized BLEU; beside it
 stand the epoch's updates, validation NLL and the run's wall clock at the end of that epoch, read
 from fairseq's json log SAVE_DIR/train.log (written by el_fairseq.pipeline.train). The subset is
 the validation set by default, so choosing a schedule never looks at a test set; the validation

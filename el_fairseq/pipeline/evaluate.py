@@ -72,12 +72,16 @@ def target_lang(data_bin):
     raise ValueError(f"{data_bin}: no binarised fairseq data found")
 
 
-def generate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", cpu=False, beam=5, max_tokens=8000, extra=()):
-    """fairseq-generate on SUBSET: (stdout, {id: hypothesis}, {id: reference}, tokenized BLEU)."""
+def require_inputs(checkpoint, data_bin):
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if not os.path.isdir(data_bin):
         raise FileNotFoundError(f"data-bin folder not found: {data_bin}")
+
+
+def generate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", cpu=False, beam=5, max_tokens=8000, extra=()):
+    """fairseq-generate on SUBSET: (stdout, {id: hypothesis}, {id: reference}, tokenized BLEU)."""
+    require_inputs(checkpoint, data_bin)
     cmd = fairseq_tool("fairseq-generate") + [
         data_bin, "--user-dir", user_dir(), "--path", checkpoint, "--gen-subset", subset,
         "--beam", str(beam), "--max-tokens", str(max_tokens), *extra]
@@ -96,10 +100,7 @@ def generate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", cpu=False, b
 
 def evaluate(checkpoint, data_bin, subset="test", remove_bpe="@@ ", detok="moses", out_dir=None,
              cpu=False, beam=5, max_tokens=8000, extra=()):
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    if not os.path.isdir(data_bin):
-        raise FileNotFoundError(f"data-bin folder not found: {data_bin}")
+    require_inputs(checkpoint, data_bin)  # before the references: a missing checkpoint is the error to show
     lang = target_lang(data_bin)
     refs_raw, lowercase, set_name = testsets.raw_references(data_bin, subset, lang)
     stdout, hyps, refs, tok_bleu = generate(checkpoint, data_bin, subset, remove_bpe, cpu, beam, max_tokens, extra)

@@ -60,10 +60,11 @@ RECIPES = {
         dropout=0.3, max_tokens=4096, update_freq=1, max_update=4000, warmup_updates=1000,
         description="Multi30k (29k sentence pairs), transformer_iwslt_de_en; minutes on one GPU",
     ),
-    # Multi30k on a 2-core CPU (both directions). Why this model: measured on one such machine
-    # (fairseq-train --cpu, 2 threads, ~3,500 target tokens a batch), transformer_iwslt_de_en trains
-    # at ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN 1024 at ~3,300 tokens/s, and
-    # 2+2 layers of 256 dimensions with FFN 512 at ~5,500 tokens/s (3,500-3,800 on the AMD EPYC below).
+    # Multi30k on a 2-core CPU (both directions). Why this model: speeds measured before this recipe
+    # existed (issue 10: fairseq-train --cpu, 2 threads, ~3,500 target tokens a batch):
+    # transformer_iwslt_de_en ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN 1024
+    # ~3,300 tokens/s, 2+2 layers of 256 dimensions with FFN 512 ~5,500 tokens/s (3,500-3,800 when
+    # measured again alone on the 2-core AMD EPYC of the run below, 2026-11-25).
     # Why 10 epochs, BLEU against time (python -m el_fairseq.pipeline.curve, De-En, CE, seed 1, alone
     # on the 2-core AMD EPYC, both threads, 3,500-3,800 tokens/s; docs/RESULTS.md "Choosing the CPU
     # schedule"): tokenized validation BLEU 27.0 after 5 epochs (9.7 min), 31.5 after 7 (14.2 min),
