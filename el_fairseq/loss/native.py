@@ -22,7 +22,12 @@ from .bonus import BonusSpec, _scalar_bonus
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel.c")
 # -ffast-math defines __FAST_MATH__, under which glibc declares the SIMD (libmvec) variants of
 # expf/logf/powf/cosf: gcc then vectorises the row loops. The kernel keeps every value finite.
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# It is a compile flag only: the link step must not see it, because gcc (and clang) then link
+# crtfastmath.o, whose constructor turns on flush-to-zero / denormals-are-zero for the whole
+# process when the library is loaded, changing every later float computation of the user's.
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
+LINK_FLAGS = ["-shared", "-fPIC", "-fopenmp"]
+FLAGS = COMPILE_FLAGS + LINK_FLAGS  # the cache key
 KINDS = {"log": 0, "power": 1, "cosine": 2}
 
 _lib = None
@@ -53,7 +58,12 @@ def _build():
         folder = cache or tempfile.mkdtemp(prefix="el_fairseq_")
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
-        proc = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True)
+        obj = tmp[:-3] + ".o"
+        proc = subprocess.run([compiler, *COMPILE_FLAGS, SOURCE, "-o", obj], capture_output=True, text=True)
+        if proc.returncode == 0:
+            proc = subprocess.run([compiler, *LINK_FLAGS, obj, "-o", tmp, "-lm"], capture_output=True, text=True)
+        if os.path.exists(obj):
+            os.remove(obj)
         if proc.returncode != 0:
             os.remove(tmp)
             raise RuntimeError(f"compiling {SOURCE} failed: {proc.stderr.strip()[-500:]}")
