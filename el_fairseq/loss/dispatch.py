@@ -63,6 +63,19 @@ def path_for(logits, impl):
     return impl
 
 
+def checked_path(logits, impl, epsilon, spec, ignore_index):
+    """path_for, then the first-use self-check of a compiled kernel (chunked if it fails). The
+    fused linear loss (linear.py) selects its per-chunk kernel here too."""
+    impl = path_for(logits, resolve_impl(impl))
+    if impl in ("native", "triton"):
+        ok, reason = self_check.verify(impl, KERNELS[impl](), logits, epsilon, spec, ignore_index)
+        if not ok:
+            _warn_once((impl, "self-check", logits.dtype), f"el_fairseq: the {impl} kernel failed its self-check on "
+                       f"{logits.dtype} {logits.device.type} logits ({reason}); using chunked for this process")
+            impl = "chunked"
+    return impl
+
+
 def _check_inputs(logits, target, epsilon):
     if logits.dim() < 2:
         raise ValueError(f"logits must have a class dimension, got shape {tuple(logits.shape)}")
@@ -83,15 +96,9 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     stats: per-token (N, 2) float32 [z_y, margin z_y - max_{j != y} z_j], zeros at padding.
     """
     _check_inputs(logits, target, epsilon)
-    impl = path_for(logits, resolve_impl(impl))
+    impl = checked_path(logits, impl, epsilon, spec, ignore_index)
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
-    if impl in ("native", "triton"):
-        ok, reason = self_check.verify(impl, KERNELS[impl](), logits, epsilon, spec, ignore_index)
-        if not ok:
-            _warn_once((impl, "self-check", logits.dtype), f"el_fairseq: the {impl} kernel failed its self-check on "
-                       f"{logits.dtype} {logits.device.type} logits ({reason}); using chunked for this process")
-            impl = "chunked"
     if impl in ("chunked", "native", "triton"):
         kernel = KERNELS[impl]()
         if torch.is_grad_enabled() and logits.requires_grad:

@@ -1,0 +1,248 @@
+"""The encouraging loss of a linear projection's output, without the (N, V) logits: a fused output
+projection + EL, shaped like torch's `F.linear_cross_entropy` / `nn.LinearCrossEntropyLoss`.
+
+    loss = encouraging_loss(F.linear(input, linear_weight, linear_bias), target, ...)   (see api.py)
+
+computed over chunks of C token rows. Per chunk, with x_c (C, D) its inputs and W (V, D):
+
+    z_c = x_c W^T + b                          one matmul, (C, V) float32
+    loss_c, g_c = dL/dz_c                      the device's fused kernel (dispatch.checked_path: native
+                                               for float32 CPU, Triton for CUDA, chunked elsewhere, with
+                                               the first-use self-check and its fallback)
+    grad_x_c = g_c W,  grad_W += g_c^T x_c,  grad_b += sum_rows g_c
+
+so only (C, V) buffers ever exist, never (N, V). For reduction "sum"/"mean" the gradients are
+computed in the forward (the backward multiplies them by the scalar grad_output, in place, as the
+logits path does; a second backward raises). For reduction "none" the upstream gradient is one value
+per token, which cannot be applied to the accumulated grad_W afterwards: the forward computes the
+loss only and the backward recomputes each chunk's logits and kernel gradient, scales its rows by
+grad_output and accumulates (one more matmul per chunk, still no (N, V) buffer). Under torch.no_grad
+(or when nothing requires a gradient) only the loss is computed.
+
+Precision: every chunk is computed in float32 (float64 stays float64): 16-bit weights are upcast once
+per call (a V x D float32 copy, the size of the float32 weight-gradient accumulator); the gradients
+are accumulated in float32, multiplied by grad_output in float32 and rounded to the parameters'
+dtype once (fairseq's fp16 loss scale is applied before that rounding, as on the logits path).
+
+Chunk size: DEFAULT_CHUNK_BYTES (64 MiB) of float32 logits per chunk, C = 2^24 / V rows (524 rows at
+V = 32,000, 130 at V = 128,256); the kernel's gradient buffer is as large again.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from .api import check_options, fairseq_epsilon, make_spec
+from .bonus import BonusSpec
+from .chunked import compute_dtype
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+def default_chunk_size(num_classes: int) -> int:
+    """Rows per chunk whose float32 logits take DEFAULT_CHUNK_BYTES."""
+    return max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, num_classes)))
+
+
+def _check_shapes(input, weight, bias, target, chunk_size):
+    if input.dim() < 1 or weight.dim() != 2 or input.size(-1) != weight.size(1):
+        raise ValueError(f"input (..., D) and linear_weight (V, D) do not match: input {tuple(input.shape)}, "
+                         f"linear_weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.size(0),):
+        raise ValueError(f"linear_bias shape {tuple(bias.shape)} does not match linear_weight "
+                         f"{tuple(weight.shape)}: expected ({weight.size(0)},)")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input {tuple(input.shape)}: "
+                         f"expected {tuple(input.shape[:-1])}")
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+    if not input.is_floating_point():
+        raise ValueError(f"input must be floating point, got {input.dtype}")
+    if weight.size(0) < 2:
+        raise ValueError(f"need at least 2 classes, got linear_weight {tuple(weight.shape)}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size {chunk_size!r} is not allowed: a positive number of rows, or None")
+
+
+def _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs, row_scale=None):
+    """One pass over the row chunks. Returns (loss, nll, stats, grads) with per-token loss/nll (N,),
+    stats (N, 2) and grads = [grad_x, grad_w, grad_b] in the compute dtype (None where not in
+    `needs`; all None when no gradient is wanted). row_scale (N,): multiplies each row's gradient."""
+    n, vocab = x.size(0), w.size(0)
+    work = compute_dtype(x.dtype)
+    w_work = w.detach().to(work)
+    b_work = b.detach().to(work) if b is not None else None
+    loss = x.new_zeros(n, dtype=work)
+    nll = torch.zeros_like(loss)
+    stats = x.new_zeros(n, 2, dtype=torch.float32)
+    want = any(needs)
+    grad_x = x.new_empty(x.shape, dtype=work) if needs[0] else None
+    grad_w = torch.zeros_like(w_work) if needs[1] else None
+    grad_b = w_work.new_zeros(vocab) if needs[2] else None
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        x_c = x[rows].detach().to(work)
+        z = F.linear(x_c, w_work, b_work)
+        loss_c, nll_c, stats_c, g = kernel(z, target[rows], epsilon, spec, ignore_index, need_grad=want)
+        del z
+        loss[rows], nll[rows], stats[rows] = loss_c, nll_c, stats_c
+        if not want:
+            continue
+        if row_scale is not None:
+            g.mul_(row_scale[rows].to(g.dtype).unsqueeze(-1))
+        if grad_x is not None:
+            torch.mm(g, w_work, out=grad_x[rows])
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), x_c)
+        if grad_b is not None:
+            grad_b.add_(g.sum(0))
+    return loss, nll, stats, ([grad_x, grad_w, grad_b] if want else [None, None, None])
+
+
+def _rounded(grads, like):
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+
+
+class _SummedLinearLoss(torch.autograd.Function):
+    """Summed loss; the gradients are computed in the forward and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, epsilon, spec, ignore_index, kernel, step):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        loss, nll, stats, grads = _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs)
+        ctx.save_for_backward(*[g if g is not None else None for g in grads])
+        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
+        ctx.used = False
+        ctx.mark_non_differentiable(nll, stats)
+        return loss.sum(), nll, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_nll, grad_stats):
+        if ctx.used:
+            raise RuntimeError("el_fairseq: encouraging_linear_loss keeps its gradients from the forward and "
+                               "scales them in place, so it allows one backward per forward: compute the loss again")
+        ctx.used = True
+        out = []
+        for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            out.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
+        return (*out, None, None, None, None, None, None)
+
+
+class _PerTokenLinearLoss(torch.autograd.Function):
+    """Per-token loss; backward recomputes the chunks with the per-token grad_output (see above)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, epsilon, spec, ignore_index, kernel, step):
+        loss, nll, stats, _ = _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step,
+                                          (False, False, False))
+        ctx.save_for_backward(x, w, b, target)
+        ctx.options = (epsilon, spec, ignore_index, kernel, step)
+        ctx.mark_non_differentiable(nll, stats)
+        return loss, nll, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_nll, grad_stats):
+        x, w, b, target = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        _, _, _, grads = _chunk_pass(x, w, b, target, *ctx.options, needs, row_scale=grad_loss)
+        return (*_rounded(grads, (x, w, b if b is not None else x)), None, None, None, None, None, None)
+
+
+def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: BonusSpec, ignore_index=None,
+                                  reduce=True, impl="auto", chunk_size=None):
+    """(loss, nll, stats) of logits F.linear(input, weight, bias), input (..., D), weight (V, D),
+    target (...), never materialising them: epsilon is fairseq's label smoothing (as in
+    dispatch.encouraging_loss); loss summed when reduce, else per token (N,) like nll; stats
+    (N, 2) float32 [z_y, margin], zeros at ignored tokens. impl "reference": the full logits with
+    autograd (for tests)."""
+    _check_shapes(input, weight, bias, target, chunk_size)
+    x = input.reshape(-1, input.size(-1))
+    flat = target.reshape(-1)
+    if impl == "reference":
+        out = dispatch.encouraging_loss(F.linear(x, weight, bias), flat, epsilon, spec, ignore_index, reduce,
+                                        impl, with_stats=True)
+        return out[0], out[1], out[2].float()
+    vocab = weight.size(0)
+    keep = flat if ignore_index is None else flat[flat.ne(ignore_index)]
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= vocab):
+        raise ValueError(f"target values must be in [0, {vocab}) or ignore_index {ignore_index}, "
+                         f"got {int(keep.min())}..{int(keep.max())}")
+    work = compute_dtype(input.dtype)
+    path = dispatch.checked_path(x.new_empty(0, vocab, dtype=work), impl, epsilon, spec, ignore_index)
+    kernel = dispatch.KERNELS[path]()
+    step = chunk_size or default_chunk_size(vocab)
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    if not grad_wanted:  # validation, torch.no_grad: the loss only, no gradient work
+        loss, nll, stats, _ = _chunk_pass(x, weight, bias, flat, epsilon, spec, ignore_index, kernel, step,
+                                          (False, False, False))
+        return (loss.sum() if reduce else loss), nll, stats
+    function = _SummedLinearLoss if reduce else _PerTokenLinearLoss
+    return function.apply(x, weight, bias, flat, epsilon, spec, ignore_index, kernel, step)
+
+
+def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, log_end=0.75, bonus="log",
+                            bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0, bonus_start=0.0,
+                            label_smoothing=0.0, ignore_index=-100, reduction="mean", impl="auto",
+                            chunk_size=None):
+    """`encouraging_loss(F.linear(input, linear_weight, linear_bias), target, ...)` without the logits,
+    argument order of `torch.nn.functional.linear_cross_entropy`.
+
+    input (..., D), linear_weight (V, D), linear_bias (V,) or None, target (...) class indices.
+    Every option is encouraging_loss's (api.py): log_end, bonus, bonus_rho, bonus_label_smoothing,
+    bonus_gamma, bonus_start, label_smoothing, ignore_index, reduction ("mean" over non-ignored
+    targets, "sum", "none": shape of target), impl (the per-chunk kernel: "auto", "native", "triton",
+    "chunked"; "reference" = full logits and autograd). chunk_size: token rows per chunk (default
+    default_chunk_size(V): 64 MiB of float32 logits). Memory: two (chunk_size, V) buffers, the float32
+    gradient accumulators (input and weight sized), never (N, V).
+    """
+    check_options(label_smoothing, reduction, impl)
+    spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
+    return _linear_loss(input, linear_weight, linear_bias, target, spec, label_smoothing, ignore_index,
+                        reduction, impl, chunk_size)
+
+
+def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_index, reduction, impl, chunk_size):
+    _check_shapes(input, weight, bias, target, chunk_size)
+    epsilon = fairseq_epsilon(label_smoothing, weight.size(0))
+    loss, _, _ = fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec, ignore_index,
+                                               reduce=reduction != "none", impl=impl, chunk_size=chunk_size)
+    loss = loss.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else loss
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss
+    return loss / target.ne(ignore_index).sum()  # like torch: the mean over non-ignored targets (nan if none)
+
+
+class EncouragingLinearLoss(torch.nn.Module):
+    """`nn.LinearCrossEntropyLoss`-like module: owns the projection (self.linear, an nn.Linear
+    in_features -> num_classes) and returns the encouraging loss of its output without the logits.
+
+        head = EncouragingLinearLoss(512, 32000, log_end=0.75)
+        loss = head(hidden, target)            # hidden (..., 512), target (...)
+
+    Options as in encouraging_linear_loss (defaults of the authors' EncouragingLoss.py).
+    """
+
+    def __init__(self, in_features, num_classes, *, bias=False, device=None, dtype=None, log_end=0.75,
+                 reduction="mean", bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0,
+                 bonus_start=0.0, label_smoothing=0.0, ignore_index=-100, impl="auto", chunk_size=None):
+        super().__init__()
+        check_options(label_smoothing, reduction, impl)
+        self.spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.label_smoothing, self.ignore_index, self.reduction = label_smoothing, ignore_index, reduction
+        self.impl, self.chunk_size = impl, chunk_size
+
+    def forward(self, input, target):
+        return _linear_loss(input, self.linear.weight, self.linear.bias, target, self.spec, self.label_smoothing,
+                            self.ignore_index, self.reduction, self.impl, self.chunk_size)
+
+    def extra_repr(self):
+        s = self.spec
+        return (f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, "
+                f"bias={self.linear.bias is not None}, bonus={s.kind!r}, log_end={s.log_end}, bonus_rho={s.rho}, "
+                f"bonus_label_smoothing={s.epsilon}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, impl={self.impl!r}, chunk_size={self.chunk_size}")
