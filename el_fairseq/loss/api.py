@@ -15,10 +15,13 @@ eps * V / (V - 1) (`fairseq_epsilon`), so both conventions run through the same 
 import re
 
 import torch
+import torch.nn.functional as F
 
 from .bonus import BonusSpec, EncouragingLossOptionError
+from .chunked import compute_dtype
 from .dispatch import IMPLS
 from .dispatch import encouraging_loss as _per_token
+from .reference import class_weighted_loss
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -50,69 +53,141 @@ def make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, b
         raise _python_names(err) from None
 
 
-def encouraging_loss(input, target, *, log_end=0.75, bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0,
-                     bonus_gamma=1.0, bonus_start=0.0, label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                     impl="auto"):
-    """The encouraging loss of logits `input` (N, C) or (N, C, d1, ...) and class indices `target`
-    (N) or (N, d1, ...), as `torch.nn.functional.cross_entropy` takes them.
+def encouraging_loss(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+                     log_end=0.75, bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0,
+                     bonus_start=0.0, impl="auto"):
+    """The encouraging loss of logits `input` (N, C) or (N, C, d1, ...), with `target` class indices
+    (N) or (N, d1, ...), or class probabilities shaped like `input`: `torch.nn.functional.cross_entropy`'s
+    arguments in its order (without its deprecated size_average and reduce), then the EL options by keyword.
 
+    weight (C,): per-class weights w, as torch applies them. With t the target's one-hot (or its probabilities),
+    q = (1 - eps) t + eps / C (eps = label_smoothing) and qb = (1 - eps_b) t + eps_b / C (eps_b =
+    bonus_label_smoothing), each target row costs
+
+        loss = sum_j w_j [ q_j (-log p_j) + rho * qb_j * b(p_j) ]
+
+    so the bonus is weighted per class exactly like torch's cross-entropy term (for an index y:
+    (1 - eps_b) w_y b(p_y) + eps_b / C sum_j w_j b(p_j)). "mean" divides the summed loss by sum w_y over
+    the non-ignored targets (their count without weight); for probability targets by the number of rows
+    N * d1 * ..., as torch does (ignore_index does not apply to them). A smoothed one-hot as a probability
+    target is the paper's bonus smoothing.
     log_end: LE in (0, 1]; the log bonus continues along its tangent beyond p = LE (1: plain log bonus).
     bonus: "log" (log(1 - p)), "power" (-p^gamma, gamma = bonus_gamma >= 1), "cosine" (cos(pi p) - 1).
-    bonus_rho: weight of the bonus (>= 0; 0 = F.cross_entropy exactly).
+    bonus_rho: rho, the weight of the bonus (>= 0; 0 = F.cross_entropy exactly).
     bonus_label_smoothing: eps_b in [0, 1), the share of the bonus spread over all classes.
     bonus_start: s in [0, 1); the bonus counts from p = s (b(p) - b(s) above, 0 below).
-    label_smoothing, ignore_index, reduction ("mean" over non-ignored targets, "sum", "none"): as in torch.
     impl: "auto" (the fused native kernel for float32 CPU logits, Triton for CUDA logits, fused torch
-    ops elsewhere), "native", "triton", "chunked" or "reference" (plain torch, autograd).
-    A value out of range raises ValueError naming it.
+    ops elsewhere; "reference" for float64 logits, probability targets and weights with label smoothing),
+    "native", "triton", "chunked" (fused: loss and gradient in one pass, once differentiable, class
+    indices; weight only without label smoothing) or "reference" (plain torch, autograd: double backward,
+    gradcheck). A value out of range raises ValueError naming it.
     """
     check_options(label_smoothing, reduction, impl)
     spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
-    return _loss(input, target, spec, label_smoothing, ignore_index, reduction, impl)
+    return _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl)
 
 
-def _loss(input, target, spec, label_smoothing, ignore_index, reduction, impl):
+def _check_weight(weight, num_classes=None):
+    """None, or a floating-point tensor of shape (C,) (any C when num_classes is None)."""
+    if weight is None:
+        return None
+    shape_ok = torch.is_tensor(weight) and weight.dim() == 1 and num_classes in (None, weight.numel())
+    if not (shape_ok and weight.is_floating_point()):
+        shown = f"{weight.dtype} {tuple(weight.shape)}" if torch.is_tensor(weight) else type(weight).__name__
+        raise ValueError(f"weight {shown} is not allowed: expected a floating-point tensor of shape "
+                         f"({num_classes or 'C'},), one weight per class")
+    return weight
+
+
+def _unfused(impl, what):
+    """The plain-torch path for what the fused kernels do not take; an explicit fused impl is refused."""
+    if impl not in ("auto", "reference"):
+        raise ValueError(f"impl {impl!r} does not take {what}: allowed impl='auto' or impl='reference'")
+    return "reference"
+
+
+def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl):
     if input.dim() < 2:
         raise ValueError(f"input must be (N, C) or (N, C, d1, ...), got shape {tuple(input.shape)}")
     num_classes = input.size(1)
-    expected = (input.size(0), *input.shape[2:])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match input {tuple(input.shape)}: "
-                         f"expected {expected}")
+    weight = _check_weight(weight, num_classes)
+    if impl == "auto" and input.dtype == torch.float64:
+        impl = "reference"  # float64 is for checking (gradcheck, gradgradcheck): the twice-differentiable path
     logits = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, num_classes)
-    flat = target.reshape(-1)
-    kept = flat.ne(ignore_index)
-    bad = flat[kept]
-    if bad.numel() and (int(bad.min()) < 0 or int(bad.max()) >= num_classes):
-        raise ValueError(f"target values must be in [0, {num_classes}) or ignore_index {ignore_index}, "
-                         f"got {int(bad.min())}..{int(bad.max())}")
-    loss, _ = _per_token(logits, flat, fairseq_epsilon(label_smoothing, num_classes), spec,
-                         ignore_index=ignore_index, reduce=False, impl=impl)
+    rows_shape = (input.size(0), *input.shape[2:])
+    if tuple(target.shape) == tuple(input.shape):  # class probabilities, as torch tells them apart
+        if not target.is_floating_point():
+            raise ValueError(f"target shaped like input {tuple(input.shape)} holds class probabilities and must "
+                             f"be floating point, got {target.dtype}")
+        _unfused(impl, "probability targets")
+        probs = target if target.dim() == 2 else target.movedim(1, -1).reshape(-1, num_classes)
+        loss = _plain_torch(logits, probs, weight, label_smoothing, spec)
+        count = logits.size(0)
+    else:
+        if tuple(target.shape) != rows_shape:
+            raise ValueError(f"target shape {tuple(target.shape)} does not match input {tuple(input.shape)}: "
+                             f"expected {rows_shape} (class indices) or {tuple(input.shape)} (probabilities)")
+        if target.is_floating_point():
+            raise ValueError(f"target of class indices must be an integer tensor, got {target.dtype}")
+        flat = target.reshape(-1)
+        kept = flat.ne(ignore_index)
+        bad = flat[kept]
+        if bad.numel() and (int(bad.min()) < 0 or int(bad.max()) >= num_classes):
+            raise ValueError(f"target values must be in [0, {num_classes}) or ignore_index {ignore_index}, "
+                             f"got {int(bad.min())}..{int(bad.max())}")
+        safe = flat.masked_fill(~kept, 0)
+        # Without smoothing a class weight scales the whole token loss, w_y (CE + rho b(p_y)): the fused
+        # kernels' per-token loss times w_y is exact. Smoothing weights each class j: plain torch.
+        smoothed = label_smoothing > 0.0 or (spec.active and spec.epsilon > 0.0)
+        if weight is not None and smoothed:
+            impl = _unfused(impl, "weight with label_smoothing or bonus_label_smoothing")
+        if impl == "reference" and weight is not None:
+            loss = _plain_torch(logits, safe, weight, label_smoothing, spec).masked_fill(~kept, 0.0)
+        else:
+            loss, _ = _per_token(logits, flat, fairseq_epsilon(label_smoothing, num_classes), spec,
+                                 ignore_index=ignore_index, reduce=False, impl=impl)
+            if weight is not None:
+                loss = loss * weight.to(loss.dtype)[safe]  # 0 stays 0 at ignored targets
+        count = kept.sum() if weight is None else weight.to(loss.dtype)[safe].masked_fill(~kept, 0.0).sum()
     loss = loss.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else loss
     if reduction == "none":
-        return loss.reshape(target.shape)
+        return loss.reshape(rows_shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / kept.sum()  # like torch: the mean over non-ignored targets (nan if none)
+    # like torch: the mean over non-ignored targets, weighted by w_y with weights (nan if none)
+    return (loss.sum() / count).to(loss.dtype)
+
+
+def _plain_torch(logits, target, weight, label_smoothing, spec):
+    """Per-row loss from reference.class_weighted_loss, computed in float32 (float64 for float64 logits)."""
+    dtype = compute_dtype(logits.dtype)
+    lprobs = F.log_softmax(logits.to(dtype), dim=-1)
+    target = target.to(dtype) if target.is_floating_point() else target
+    weight = weight.to(device=logits.device, dtype=dtype) if weight is not None else None
+    return class_weighted_loss(lprobs, target, weight, label_smoothing, spec)
 
 
 class EncouragingLoss(torch.nn.Module):
-    """`nn.CrossEntropyLoss`-like module of `encouraging_loss` (see there for every argument).
+    """`nn.CrossEntropyLoss`-like module of `encouraging_loss` (see there for every argument): torch's
+    arguments in torch's order, then the EL options by keyword; `weight` is a buffer, as in torch.
 
     Defaults of the authors' EncouragingLoss.py: log bonus, log_end=0.75, reduction="mean".
-        criterion = EncouragingLoss()            # or EncouragingLoss(log_end=0.5, label_smoothing=0.1)
+        criterion = EncouragingLoss()            # or EncouragingLoss(class_weights, label_smoothing=0.1, log_end=0.5)
         loss = criterion(model(x), y)
     """
 
-    def __init__(self, log_end=0.75, reduction="mean", *, bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0,
-                 bonus_gamma=1.0, bonus_start=0.0, label_smoothing=0.0, ignore_index=-100, impl="auto"):
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, log_end=0.75,
+                 bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0, bonus_start=0.0,
+                 impl="auto"):
         super().__init__()
         check_options(label_smoothing, reduction, impl)
         self.spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
+        self.register_buffer("weight", _check_weight(weight))
         self.label_smoothing, self.ignore_index, self.reduction, self.impl = label_smoothing, ignore_index, reduction, impl
 
     def forward(self, input, target):
-        return _loss(input, target, self.spec, self.label_smoothing, self.ignore_index, self.reduction, self.impl)
+        return _loss(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing, self.spec,
+                     self.impl)
 
     def extra_repr(self):
         s = self.spec

@@ -3,8 +3,9 @@
 Each path's `forward(logits, target, epsilon, spec, ignore_index)` returns per-token loss, nll,
 stats and the gradient of the summed loss w.r.t. the logits, computed with the loss. Backward only
 scales that gradient, in place: it is the only (N, V) tensor kept (no second copy), which makes
-the Function once-differentiable; a second backward on the same graph raises instead of returning
-a wrong gradient (autograd's version counter sees the in-place scaling).
+the Function once-differentiable: double backward (create_graph=True) and a second backward through
+the same graph (retain_graph=True, gradcheck) raise one line naming impl='reference' (plain torch,
+autograd) instead of returning a wrong gradient.
 """
 import torch
 
@@ -19,8 +20,14 @@ class FusedEncouragingLoss(torch.autograd.Function):
         return loss, nll, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_nll, grad_stats):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
+            raise RuntimeError("el_fairseq: the fused loss paths (chunked, native, triton) are once differentiable; "
+                               "double backward (create_graph=True) needs impl='reference'")
+        if getattr(ctx, "used", False):  # the kept gradient has been scaled in place already
+            raise RuntimeError("el_fairseq: the fused loss paths (chunked, native, triton) backpropagate once; a "
+                               "second backward through the same graph (retain_graph, gradcheck) needs impl='reference'")
+        ctx.used = True
         (grad,) = ctx.saved_tensors
         # A reduced loss gives a stride-0 grad_loss, so one multiply by a scalar suffices.
         if grad_loss.numel() > 0 and grad_loss.stride(0) == 0:

@@ -51,3 +51,50 @@ def encouraging_nll_loss(lprobs, target, epsilon, spec: BonusSpec, ignore_index=
     if reduce:
         return loss.sum(), nll.sum()
     return loss, nll
+
+
+def class_weighted_loss(lprobs, target, weight, label_smoothing, spec: BonusSpec):
+    """Per-row loss in torch's conventions, with per-class weights w (all 1 when `weight` is None), for
+    class indices `target` (N,) or class probabilities `target` (N, V):
+
+        loss = sum_j w_j [ q_j (-lp_j) + rho * qb_j * b(p_j) ]
+        q  = (1 - eps) t + eps / V        eps   = label_smoothing (F.cross_entropy's smoothing)
+        qb = (1 - eps_b) t + eps_b / V    eps_b = the bonus label smoothing
+
+    with t the one-hot of the index or the given probabilities. For an index y that is F.cross_entropy's
+    (1 - eps) w_y (-lp_y) + eps / V sum_j w_j (-lp_j), plus rho [(1 - eps_b) w_y b(p_y) + eps_b / V sum_j w_j b(p_j)].
+    No masking: the caller passes valid indices and masks ignored rows.
+    """
+    vocab = lprobs.size(-1)
+    soft = target.is_floating_point()
+
+    def on_target(values):  # sum_j w_j t_j values_j
+        if soft:
+            return (values * (target if weight is None else target * weight)).sum(-1)
+        picked = values.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return picked if weight is None else picked * weight[target]
+
+    def spread(values):  # sum_j w_j values_j / V
+        return (values if weight is None else values * weight).sum(-1) / vocab
+
+    loss = -(1.0 - label_smoothing) * on_target(lprobs)
+    if label_smoothing > 0.0:
+        loss = loss - label_smoothing * spread(lprobs)
+    if spec.active:
+        probs = lprobs.exp()
+        b_all = bonus_value(probs, one_minus_probs(probs, lprobs), spec)
+        bonus = (1.0 - spec.epsilon) * on_target(b_all)
+        if spec.epsilon > 0.0:
+            bonus = bonus + spec.epsilon * spread(b_all)
+        loss = loss + spec.rho * bonus
+    return loss
+
+
+def one_minus_probs(probs, lprobs):
+    """1 - p_j for every class, to float precision near p = 1 too: -expm1(log p_j), except at each row's
+    most probable class (the only one that can be near 1), where it is the sum of the other p_k
+    (in float32, -expm1(log p) keeps only the absolute precision of the logits, too coarse for the
+    bonus's 1e-5 clamp of 1 - p)."""
+    top = lprobs.argmax(-1, keepdim=True)
+    others = probs.scatter(-1, top, 0.0).sum(-1, keepdim=True)
+    return (-torch.expm1(lprobs)).scatter(-1, top, others)
