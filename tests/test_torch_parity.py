@@ -194,3 +194,23 @@ def test_half_precision_weight_and_probabilities(dtype):
                                                                                              label_smoothing=0.1)),
             (encouraging_loss(z, q.to(dtype), w), torch_el_loss64(z, q.to(dtype), w))):
         assert got.dtype == dtype and torch.allclose(got.double(), want, rtol=2e-2 if dtype == torch.float16 else 5e-2)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_masked_classes_with_zero_probability_count_zero(weighted):
+    """A class masked to -inf where the target puts no mass: the loss and gradient of the other classes
+    (torch's cross-entropy gives nan there)."""
+    logits, _ = batch((4, 3), 6, seed=14)
+    q = soft_target(logits, seed=15)
+    w = class_weight(6) if weighted else None
+    q[:, 2] = 0.0
+    q = q / q.sum(1, keepdim=True)
+    masked = logits.clone()
+    masked[:, 2] = -float("inf")
+    keep = [0, 1, 3, 4, 5]
+    for impl in ("auto", "reference"):
+        ours = loss_and_grad(lambda z: encouraging_loss(z, q, w, log_end=0.5, impl=impl), masked, torch.float64)
+        rest = loss_and_grad(lambda z: torch_el_loss64(z, q[:, keep], None if w is None else w[keep], log_end=0.5),
+                             logits[:, keep], torch.float64)
+        assert torch.allclose(ours[0], rest[0], rtol=1e-10) and torch.isfinite(ours[1]).all()
+        assert torch.allclose(ours[1][:, keep], rest[1], atol=1e-10) and not ours[1][:, 2].any()

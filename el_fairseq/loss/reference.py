@@ -63,19 +63,24 @@ def class_weighted_loss(lprobs, target, weight, label_smoothing, spec: BonusSpec
 
     with t the one-hot of the index or the given probabilities. For an index y that is F.cross_entropy's
     (1 - eps) w_y (-lp_y) + eps / V sum_j w_j (-lp_j), plus rho [(1 - eps_b) w_y b(p_y) + eps_b / V sum_j w_j b(p_j)].
-    No masking: the caller passes valid indices and masks ignored rows.
+    A zero probability or weight makes its terms 0 even at a masked class (logit -inf), where torch's
+    cross-entropy on probabilities gives nan. No row masking: the caller passes valid indices and
+    masks ignored rows.
     """
     vocab = lprobs.size(-1)
     soft = target.is_floating_point()
 
+    def weighted_sum(values, share):  # sum_j share_j values_j; a share of 0 counts 0 (masked class: lp_j = -inf)
+        return (values * share).masked_fill(share == 0, 0.0).sum(-1)
+
     def on_target(values):  # sum_j w_j t_j values_j
         if soft:
-            return (values * (target if weight is None else target * weight)).sum(-1)
+            return weighted_sum(values, target if weight is None else target * weight)
         picked = values.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         return picked if weight is None else picked * weight[target]
 
     def spread(values):  # sum_j w_j values_j / V
-        return (values if weight is None else values * weight).sum(-1) / vocab
+        return (values.sum(-1) if weight is None else weighted_sum(values, weight)) / vocab
 
     loss = -(1.0 - label_smoothing) * on_target(lprobs)
     if label_smoothing > 0.0:
