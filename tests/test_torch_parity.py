@@ -214,3 +214,14 @@ def test_masked_classes_with_zero_probability_count_zero(weighted):
                              logits[:, keep], torch.float64)
         assert torch.allclose(ours[0], rest[0], rtol=1e-10) and torch.isfinite(ours[1]).all()
         assert torch.allclose(ours[1][:, keep], rest[1], atol=1e-10) and not ours[1][:, 2].any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_unbatched_input_as_torch(reduction):
+    """input (C,) with a class index () or probabilities (C,), as F.cross_entropy takes them."""
+    logits, target = batch((1,), 7, seed=16, ignored=0.0)
+    z, y, q, w = logits[0].float(), target[0], soft_target(logits, seed=17)[0].float(), class_weight(7).float()
+    for tgt in (y, q):
+        ours = encouraging_loss(z, tgt, w, reduction=reduction, label_smoothing=0.1, bonus_rho=0.0)
+        theirs = F.cross_entropy(z, tgt, w, reduction=reduction, label_smoothing=0.1)
+        assert ours.shape == theirs.shape == () and torch.allclose(ours, theirs, rtol=1e-6)

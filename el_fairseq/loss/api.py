@@ -56,8 +56,8 @@ def make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, b
 def encouraging_loss(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
                      log_end=0.75, bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0,
                      bonus_start=0.0, impl="auto"):
-    """The encouraging loss of logits `input` (N, C) or (N, C, d1, ...), with `target` class indices
-    (N) or (N, d1, ...), or class probabilities shaped like `input`: `torch.nn.functional.cross_entropy`'s
+    """The encouraging loss of logits `input` (N, C) or (N, C, d1, ...) (or (C,) unbatched), with `target`
+    class indices (N) or (N, d1, ...) (or ()), or class probabilities shaped like `input`: `torch.nn.functional.cross_entropy`'s
     arguments in its order (without its deprecated size_average and reduce), then the EL options by keyword.
 
     weight (C,): per-class weights w, as torch applies them. With t the target's one-hot (or its probabilities),
@@ -107,8 +107,12 @@ def _unfused(impl, what):
 
 
 def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl):
+    if input.dim() == 1 and target.dim() in (0, 1):  # unbatched, as torch takes it: input (C,), target () or (C,)
+        out = _loss(input.unsqueeze(0), target.unsqueeze(0), weight, ignore_index, reduction, label_smoothing, spec,
+                    impl)
+        return out.squeeze(0) if reduction == "none" else out
     if input.dim() < 2:
-        raise ValueError(f"input must be (N, C) or (N, C, d1, ...), got shape {tuple(input.shape)}")
+        raise ValueError(f"input must be (C,), (N, C) or (N, C, d1, ...), got shape {tuple(input.shape)}")
     num_classes = input.size(1)
     weight = _check_weight(weight, num_classes)
     if impl == "auto" and input.dtype == torch.float64:
