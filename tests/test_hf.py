@@ -117,6 +117,18 @@ def test_tuple_outputs_and_other_el_options():
     assert abs(float(got) - float(total) / 7) < 1e-5
 
 
+def test_class_weight_is_summed_over_num_items_in_batch():
+    """weight=: the weighted losses summed over Trainer's count (bonus off: F.cross_entropy's weighted sum / n)."""
+    torch.manual_seed(5)
+    logits, labels = torch.randn(2, 6, VOCAB), torch.randint(0, VOCAB, (2, 6))
+    labels[1, 3:] = -100
+    weight = torch.rand(VOCAB) + 0.5
+    got = compute_loss_func(causal_lm=True, bonus_rho=0.0, weight=weight)({"logits": logits}, labels, 9)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), weight=weight,
+                               reduction="sum") / 9
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
 def trained(model, data, batch_size, accumulation, tmp_path, loss_func):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / f"b{batch_size}"), per_device_train_batch_size=batch_size,
@@ -158,7 +170,7 @@ def test_trainer_accumulation_does_not_change_the_update(name, tmp_path):
 @pytest.mark.parametrize("options, message", [
     (dict(reduction="mean"), "reduction is fixed in a Trainer loss"),
     (dict(ignore_index=0), "ignore_index is fixed in a Trainer loss"),
-    (dict(log_ends=0.5), "'log_ends' is not an option of the encouraging loss: allowed "),
+    (dict(log_ends=0.5), "'log_ends' is not an option of encouraging_loss: allowed "),
     (dict(log_end=1.5), "log_end"),
     (dict(bonus="square"), "bonus"),
 ])
@@ -196,3 +208,96 @@ print(float(loss) > 0)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "True"
+
+
+# --- the fused path: the loss from the last hidden state and the output embedding ---------------------------
+
+def grads(model):
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("options", [EL, dict(bonus_rho=0.0)], ids=["EL", "CE"])
+def test_fused_equals_the_logits_path_in_loss_and_gradients(name, options):
+    from el_fairseq.hf import fuse_encouraging_loss
+
+    build, _ = MODELS[name]
+    torch.manual_seed(3)
+    logits_model = build().train()
+    fused = fuse_encouraging_loss(copy.deepcopy(logits_model), **options)
+    inputs, labels = batch("causal", n=6, seed=5)
+    n = torch.tensor(41)
+    reference = compute_loss_func(causal_lm=True, **options)(logits_model(**inputs), labels, num_items_in_batch=n)
+    reference.backward()
+    out = fused(**inputs, labels=labels, num_items_in_batch=n)
+    assert out.logits is None  # training: no logits
+    out.loss.backward()
+    assert torch.allclose(out.loss, reference, atol=1e-6, rtol=1e-6), (out.loss, reference)
+    expected, got = grads(logits_model), grads(fused)
+    assert set(got) == set(expected) and len(got) == len(dict(fused.named_parameters()))
+    for k in expected:
+        assert torch.allclose(got[k], expected[k], atol=1e-6, rtol=1e-5), k
+    if options["bonus_rho"] == 0.0:  # and with the bonus off, the model's own loss
+        own = logits_model(**inputs, labels=labels, num_items_in_batch=n).loss
+        assert torch.allclose(out.loss, own, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_options_are_those_of_the_linear_loss():
+    from el_fairseq.hf import fuse_encouraging_loss
+
+    with pytest.raises(ValueError, match="'weight' is not an option of encouraging_linear_loss"):
+        fuse_encouraging_loss(llama(), weight=torch.ones(VOCAB))
+    with pytest.raises(ValueError, match="log_end"):
+        fuse_encouraging_loss(llama(), log_end=0.0)
+
+
+def test_fused_model_in_eval_mode_and_without_labels_keeps_its_logits():
+    from el_fairseq.hf import fuse_encouraging_loss
+
+    torch.manual_seed(4)
+    plain = llama().eval()
+    fused = fuse_encouraging_loss(copy.deepcopy(plain), **EL).eval()
+    inputs, labels = batch("causal", n=3, seed=6)
+    with torch.no_grad():
+        logits = plain(**inputs).logits
+        assert torch.equal(fused(**inputs).logits, logits)
+        out = fused(**inputs, labels=labels)
+        assert torch.equal(out.logits, logits)
+        expected = compute_loss_func(causal_lm=True, **EL)({"logits": logits}, labels)
+        assert torch.allclose(out.loss, expected, atol=1e-6)
+        generated = fused.generate(inputs["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+        assert generated.shape == (1, 7)
+    assert type(plain).forward is type(fused).forward  # the class is untouched
+
+
+def test_fused_trainer_with_accumulation_matches_the_logits_path(tmp_path):
+    """Trainer passes num_items_in_batch to the fused model's forward: batch 2 x accumulation 4 fused ends
+    where batch 8 x accumulation 1 through compute_loss_func does."""
+    from el_fairseq.hf import fuse_encouraging_loss
+
+    torch.manual_seed(0)
+    start = gpt2()
+    inputs, labels = batch("causal")
+    data = [{**{k: v[i] for k, v in inputs.items()}, "labels": labels[i]} for i in range(8)]
+    one = trained(copy.deepcopy(start), data, 8, 1, tmp_path, compute_loss_func(causal_lm=True, **EL))
+    fused = trained(fuse_encouraging_loss(copy.deepcopy(start), **EL), data, 2, 4, tmp_path, None)
+    assert max_difference(one, dict(start.named_parameters())) > 1e-2
+    assert max_difference(one, fused) < 1e-5
+
+
+def refused_models():
+    t = transformers
+    small = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    yield "gemma2", lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**small)), "logit soft-capping (config.final_logit_softcapping=30.0)"
+    yield "cohere", lambda: t.CohereForCausalLM(t.CohereConfig(**small)), "logit scaling (config.logit_scale=0.0625)"
+    yield "marian", marian, "MarianMTModel is an encoder-decoder model"
+
+
+@pytest.mark.parametrize("name, build, message", list(refused_models()), ids=[r[0] for r in refused_models()])
+def test_fused_refuses_models_whose_logits_are_not_a_plain_projection(name, build, message):
+    from el_fairseq.hf import fuse_encouraging_loss
+
+    with pytest.raises(ValueError) as err:
+        fuse_encouraging_loss(build())
+    assert message in str(err.value) and "\n" not in str(err.value)

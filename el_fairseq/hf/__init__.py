@@ -14,3 +14,4 @@ divide a custom loss by the gradient-accumulation steps, so a per-micro-batch me
 (only `fuse_encouraging_loss` needs it); the loss itself never imports this package.
 """
 from .loss import compute_loss_func, trainer_loss  # noqa: F401
+from .fused import fuse_encouraging_loss  # noqa: F401

@@ -20,28 +20,29 @@ import torch.nn.functional as F
 from ..loss.api import encouraging_loss
 
 IGNORE_INDEX = -100  # what Trainer counts in num_items_in_batch, and transformers' models ignore
-# Set here, by the num_items_in_batch rule and Trainer's count, not by the user.
-FIXED = ("input", "target", "reduction", "ignore_index")
+# Set here, by the num_items_in_batch rule and Trainer's count, not by the user; the projection's arguments
+# (encouraging_linear_loss) come from the model.
+FIXED = ("input", "target", "reduction", "ignore_index", "linear_weight", "linear_bias")
 
 
-def el_option_names():
-    """The keyword options of `encouraging_loss` a Trainer loss can take (every EL option)."""
-    return tuple(n for n in inspect.signature(encouraging_loss).parameters if n not in FIXED)
+def el_option_names(loss=encouraging_loss):
+    """The keyword options of `loss` (encouraging_loss or encouraging_linear_loss) a Trainer loss can take."""
+    return tuple(n for n in inspect.signature(loss).parameters if n not in FIXED)
 
 
-def check_el_options(el_options):
-    """One-line ValueError for an option encouraging_loss does not take, one fixed here, or a bad value."""
-    allowed = el_option_names()
+def check_el_options(el_options, loss=encouraging_loss, probe=None):
+    """One-line ValueError for an option `loss` does not take, one fixed here, or a bad value; `probe`: the
+    positional arguments of a tiny call of `loss` that checks the values now, not at the first step."""
+    probe = probe or (torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+    allowed = el_option_names(loss)
     for name in el_options:
         if name in ("reduction", "ignore_index"):
             raise ValueError(f"{name} is fixed in a Trainer loss: the sum over labels != {IGNORE_INDEX} divided by "
                              f"Trainer's num_items_in_batch (mask a label with {IGNORE_INDEX} to ignore it)")
         if name not in allowed:
-            raise ValueError(f"{name!r} is not an option of the encouraging loss: allowed {', '.join(allowed)}")
-    # Values are checked by the loss itself, now rather than at the first training step; tensor
-    # options (a class weight) need the real number of classes and are checked at the first call.
-    scalars = {k: v for k, v in el_options.items() if not torch.is_tensor(v)}
-    encouraging_loss(input=torch.zeros(1, 2), target=torch.zeros(1, dtype=torch.long), **scalars)
+            raise ValueError(f"{name!r} is not an option of {loss.__name__}: allowed {', '.join(allowed)}")
+    # Tensor options (a class weight) need the real number of classes: checked at the first call.
+    loss(*probe, **{k: v for k, v in el_options.items() if not torch.is_tensor(v)})
 
 
 def shift_labels(labels):
@@ -68,8 +69,8 @@ def trainer_loss(logits, labels, num_items_in_batch=None, *, causal_lm=False, **
                          f"expected {tuple(logits.shape[:-1])}")
     # float32 logits, as transformers' losses: a sum over many tokens in bf16 would lose its low digits.
     target = labels.reshape(-1).to(logits.device)
-    loss_sum = encouraging_loss(input=logits.float().reshape(-1, logits.size(-1)), target=target,
-                                ignore_index=IGNORE_INDEX, reduction="sum", **el_options)
+    loss_sum = encouraging_loss(logits.float().reshape(-1, logits.size(-1)), target, ignore_index=IGNORE_INDEX,
+                                reduction="sum", **el_options)
     return normalise(loss_sum, num_items_in_batch, target.ne(IGNORE_INDEX).sum())
 
 
@@ -84,8 +85,9 @@ def compute_loss_func(*, causal_lm=False, **el_options):
     causal_lm: True for decoder-only LMs whose labels are their input ids (logits at t predict label t + 1);
     False for seq2seq models (labels aligned with the decoder's logits) and classifiers.
     el_options: any option of `el_fairseq.encouraging_loss` (log_end, bonus, bonus_rho, bonus_label_smoothing,
-    bonus_gamma, bonus_start, label_smoothing, impl, ...), checked now; reduction and ignore_index are fixed
-    (the sum over labels != -100 over Trainer's num_items_in_batch).
+    bonus_gamma, bonus_start, label_smoothing, weight, impl), checked now; reduction and ignore_index are
+    fixed (the sum over labels != -100 over Trainer's num_items_in_batch; with a class `weight`, the sum of
+    the weighted losses over that count, not torch's weighted mean, so that accumulation leaves it alone).
     """
     check_el_options(el_options)
 

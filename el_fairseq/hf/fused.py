@@ -1,0 +1,122 @@
+"""The encouraging loss of a causal LM without its logits: from the last hidden state h and the output
+embedding W (logits = h W^T + b, as Llama-, Qwen-, Mistral- and GPT-2-style models compute them),
+
+    loss = sum_{t: label_{t+1} != -100} EL(h_t W^T + b, label_{t+1}) / num_items_in_batch
+
+through `encouraging_linear_loss`, which takes the projection chunk by chunk and never holds the
+(tokens, vocabulary) logits or their gradient. Opt in per model, as with Liger's kernels:
+
+    model = fuse_encouraging_loss(model, log_end=0.75)      # any option of encouraging_loss
+    Trainer(model=model, args=args, train_dataset=train)     # no compute_loss_func: the model returns the loss
+
+The model's forward is replaced on this instance only (not its class). Called with `labels` in training
+mode it returns the loss and `logits=None`; in eval mode (Trainer's evaluation) it computes the logits
+and the same loss from them (compute_loss_func's path), so evaluation and generation see the logits.
+Without labels it is the model's own forward. The sum and its normaliser follow Trainer's rule
+(el_fairseq.hf.loss); Trainer passes num_items_in_batch because the new forward accepts it.
+Models whose logits are not a plain projection of the last hidden state are refused in one line:
+logit soft-capping (Gemma 2/3), logit scaling (Cohere, Granite), a final logits bias, a padded vocabulary.
+"""
+import functools
+import inspect
+import types
+
+import torch
+
+from ..loss.linear import encouraging_linear_loss
+from .loss import IGNORE_INDEX, check_el_options, normalise, shift_labels, trainer_loss
+
+# config attributes that change the logits after the projection, with the value that leaves them alone
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": (None, "logit soft-capping"),
+    "logit_softcapping": (None, "logit soft-capping"),
+    "logits_scaling": (1.0, "logit scaling"),
+    "logit_scale": (1.0, "logit scaling"),
+    "unpadded_vocab_size": (None, "a padded vocabulary (logits cut to unpadded_vocab_size)"),
+}
+LOSS_ARGUMENTS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep")
+
+
+def refusal(model):
+    """Why `model` cannot take the fused loss (None if it can)."""
+    name = type(model).__name__
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model; the fused loss takes causal LMs: use compute_loss_func"
+    configs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
+    for attr, (neutral, what) in LOGIT_TRANSFORMS.items():
+        for c in configs:
+            value = getattr(c, attr, neutral)
+            if value != neutral:
+                return (f"{name} has {what} (config.{attr}={value!r}), which the fused loss does not apply: "
+                        f"use compute_loss_func(causal_lm=True)")
+        value = getattr(model, attr, neutral)
+        if not isinstance(value, (int, float, type(None))) or value != neutral:  # e.g. a learned logit_scale
+            return f"{name} has {what} (model.{attr}), which the fused loss does not apply: use compute_loss_func"
+    if getattr(model, "final_logits_bias", None) is not None:
+        return f"{name} adds a final_logits_bias, which the fused loss does not apply: use compute_loss_func"
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return (f"{name}'s output embedding is {type(head).__name__}, not a torch.nn.Linear: "
+                f"the fused loss needs logits = lm_head(hidden)")
+    if model.base_model is model:
+        return f"{name} has no base model (base_model_prefix {model.base_model_prefix!r}) to take hidden states from"
+    return None
+
+
+def fuse_encouraging_loss(model, **el_options):
+    """Make `model` (a transformers causal LM) return the encouraging loss without logits in training;
+    returns the model. el_options: any option of `el_fairseq.encouraging_linear_loss` (those of
+    encouraging_loss but a class weight, and chunk_size), checked now."""
+    check_el_options(el_options, encouraging_linear_loss,
+                     (torch.zeros(1, 2), torch.zeros(2, 2), torch.zeros(1, dtype=torch.long)))
+    reason = refusal(model)
+    if reason:
+        raise ValueError(reason)
+    model.el_options = dict(el_options)
+
+    # With the model's own signature: Trainer reads it to choose the batch's columns.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, *args, **kwargs)
+
+    # Bound to this instance, not set on its class; a deep copy of the model rebinds it to the copy.
+    model.forward = types.MethodType(forward, model)
+    model.accepts_loss_kwargs = True  # the forward takes num_items_in_batch: Trainer then passes it
+    return model
+
+
+def _fused_forward(self, *args, **kwargs):
+    own_forward = type(self).forward
+    call = inspect.signature(own_forward).bind(self, *args, **kwargs).arguments
+    call.pop("self")
+    extra = call.pop("kwargs", {})  # the model's **kwargs, passed on by name like the rest
+    call = {**call, **extra}
+    labels, shifted = call.pop("labels", None), call.pop("shift_labels", None)
+    if labels is None and shifted is None:
+        return own_forward(self, **call)
+    num_items_in_batch = call.pop("num_items_in_batch", None)
+    call.pop("logits_to_keep", None)  # the loss needs every position
+    target = shift_labels(labels) if shifted is None else shifted
+    if not self.training:  # evaluation: the logits, and the same loss from them
+        outputs = own_forward(self, **call)
+        outputs["loss"] = trainer_loss(outputs["logits"], target, num_items_in_batch, **self.el_options)
+        return outputs
+    base = self.base_model(**call)
+    hidden = base[0]
+    head = self.get_output_embeddings()
+    target = target.reshape(-1).to(hidden.device)
+    loss_sum = encouraging_linear_loss(hidden.reshape(-1, hidden.size(-1)), head.weight, target,
+                                       linear_bias=head.bias, ignore_index=IGNORE_INDEX, reduction="sum",
+                                       **self.el_options)
+    loss = normalise(loss_sum, num_items_in_batch, target.ne(IGNORE_INDEX).sum())
+    return _causal_lm_output(loss, base)
+
+
+def _causal_lm_output(loss, base):
+    """The causal-LM output of transformers (loss, no logits) with the base model's other fields."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    passed = {k: v for k, v in base.items() if k in fields and k != "logits"} if hasattr(base, "items") else {}
+    return CausalLMOutputWithPast(loss=loss, logits=None, **passed)
