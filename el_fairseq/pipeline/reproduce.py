@@ -14,14 +14,13 @@ then OUT/RESULTS.md, OUT/results.json and OUT/*.png from el_fairseq.pipeline.rep
 """
 import argparse
 import os
-import subprocess
 import sys
 
-from . import testsets
+from . import children, testsets
 from ..cli import user_dir
 from .evaluate import fairseq_tool
 from .recipes import RECIPES, quote, train_command
-from .train import DONE, visible_gpus
+from .train import DONE, precision_note, visible_gpus
 
 # target -> (recipe, default data folder made by data-prep/)
 TASKS = {
@@ -51,7 +50,7 @@ def parse_seeds(text):
     return seeds
 
 
-def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=None, extra=(), only=None):
+def plan(task, seeds, data, out, cpu=False, precision=None, avg_last=None, extra=(), only=None):
     """[(description, done_marker_or_None, command[, shown command])] for the whole reproduction
     (only the training steps with only='train')."""
     recipe = RECIPES[TASKS[task][0]]
@@ -65,11 +64,13 @@ def plan(task, seeds, data, out, cpu=False, precision="fp16", avg_last=None, ext
             # transformer_iwslt_de_en with its Adam state). Training itself is unaffected.
             keep = ["--keep-last-epochs", str(avg_last)]
             train = [py, "-m", "el_fairseq.pipeline.train", "--recipe", recipe.name, "--loss", loss, "--seed", str(seed),
-                     "--data", data, "--save-dir", run, "--precision", precision, *(["--cpu"] if cpu else []),
+                     "--data", data, "--save-dir", run, *(["--precision", precision] if precision else []),
+                     *(["--cpu"] if cpu else []),
                      *keep, *extra]
             # --dry-run shows the fairseq-train command itself; running goes through the wrapper (log, DONE).
             shown = fairseq_tool("fairseq-train") + train_command(
-                recipe.name, loss, seed, data, run, visible_gpus(cpu), precision, [*keep, *extra], user_dir=user_dir())
+                recipe.name, loss, seed, data, run, visible_gpus(cpu), precision or "fp16", [*keep, *extra],
+                user_dir=user_dir())
             steps.append((f"train {loss} seed {seed}", os.path.join(run, DONE), train, shown))
             if only == "train":
                 continue
@@ -99,7 +100,11 @@ def execute(steps, dry_run=False):
             print(f"[{i}/{len(steps)}] {what}: done already, skipped", flush=True)
             continue
         print(f"[{i}/{len(steps)}] {what}", flush=True)
-        rc = subprocess.run(cmd).returncode
+        try:
+            rc = children.run(cmd)
+        except children.Stopped as stopped:
+            children.exit_stopped(stopped, f"reproduce: stopped by {stopped} during '{what}'; its process has "
+                                           "ended; rerunning resumes (finished steps are skipped)")
         if rc != 0:
             raise SystemExit(f"reproduce: step '{what}' failed with exit code {rc}: {quote(cmd)}")
 
@@ -111,7 +116,7 @@ def main(argv=None):
     parser.add_argument("--data", help="data-bin folder (default: where data-prep puts it)")
     parser.add_argument("--out", help="results folder (default: results/<target>)")
     parser.add_argument("--avg-last", type=int, help="epoch checkpoints to average (default: the recipe's; paper: 10)")
-    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="on GPUs (default fp16)")
     parser.add_argument("--only", choices=["train"], help="run the training steps only")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
@@ -129,6 +134,11 @@ def main(argv=None):
     out = args.out or os.path.join("results", args.task)
     if not args.dry_run and not os.path.isdir(data):
         parser.error(f"--data: no such folder {data} (prepare it with data-prep/, see README)")
+    if args.dry_run:  # a real run's training steps say it themselves
+        note = precision_note(visible_gpus(args.cpu), args.cpu, args.precision, "these are the CPU commands",
+                              "they would")
+        if note:
+            print(f"reproduce: {note}", file=sys.stderr)
     execute(plan(task, seeds, data, out, args.cpu, args.precision, args.avg_last, extra, args.only), args.dry_run)
 
 

@@ -9,14 +9,16 @@ Unknown flags go to fairseq-train unchanged (and override the recipe's: argparse
 The log is appended to SAVE_DIR/train.log; SAVE_DIR/provenance.json records the command, versions
 and machine; SAVE_DIR/DONE (holding the command) marks a finished run. Re-running an
 unfinished run resumes from SAVE_DIR/checkpoint_last.pt (fairseq's default --restore-file).
+SIGINT (Ctrl-C), SIGTERM or SIGHUP stop fairseq-train and its workers, wait for them and end this
+wrapper by the same signal, without DONE (el_fairseq.pipeline.children). Without a GPU (or with
+--cpu) the command is fairseq's --cpu one, in fp32: a line on stderr says so.
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
-from . import provenance
+from . import children, provenance
 from ..cli import user_dir
 from .evaluate import fairseq_tool
 from .recipes import LOSS_FLAGS, RECIPES, quote, train_command
@@ -42,7 +44,7 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", required=True, help="fairseq data-bin folder")
     parser.add_argument("--save-dir", required=True)
-    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="on GPUs")
+    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="on GPUs (default fp16)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if GPUs are visible")
     parser.add_argument("--diagnostics", action="store_true",
                         help="CE baseline through label_smoothed_cross_entropy_with_diagnostics (same loss, "
@@ -51,10 +53,27 @@ def build_parser():
     return parser
 
 
+def precision_note(n_gpus, force_cpu, precision, what="this is the CPU command", would="it would"):
+    """The line that says why a CPU command has no --fp16/--bf16 (None when there is nothing to say):
+    without a GPU the command is the CPU one, and fairseq's --cpu trains in fp32."""
+    if n_gpus:
+        return None
+    if not force_cpu:
+        shown = precision or "fp16"
+        return f"no GPU visible: {what} (--cpu, fp32); on GPUs {would} train in {shown} (--{shown})"
+    if precision in ("fp16", "bf16"):
+        return f"--precision {precision} applies on GPUs only: --cpu trains in fp32"
+    return None
+
+
 def command(args, extra):
     n_gpus = visible_gpus(args.cpu)
+    note = precision_note(n_gpus, args.cpu, args.precision,
+                          "this is the CPU command" if args.dry_run else "training on the CPU")
+    if note:
+        print(f"train: {note}", file=sys.stderr)
     return fairseq_tool("fairseq-train") + train_command(
-        args.recipe, args.loss, args.seed, args.data, args.save_dir, n_gpus, args.precision, extra,
+        args.recipe, args.loss, args.seed, args.data, args.save_dir, n_gpus, args.precision or "fp16", extra,
         user_dir=user_dir(), diagnostics=args.diagnostics)
 
 
@@ -63,14 +82,15 @@ def run_logged(cmd, log_path):
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # line-buffered: the log follows the run
         log.write("# " + quote(cmd) + "\n")
-        # fairseq logs to stdout, which a pipe would buffer in 8 KiB blocks: unbuffered, the log and
-        # the terminal show each line (and the progress) as it happens.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in proc.stdout:
+
+        def show(line):
             sys.stdout.write(line)
             log.write(line)
-        return proc.wait()
+
+        # fairseq logs to stdout, which a pipe would buffer in 8 KiB blocks: unbuffered, the log and
+        # the terminal show each line (and the progress) as it happens. SIGINT/SIGTERM end the child
+        # (children.Stopped), which is waited for: no fairseq-train keeps writing into SAVE_DIR.
+        return children.run(cmd, on_line=show, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def train(args, extra):
@@ -88,7 +108,11 @@ def train(args, extra):
     earlier = provenance.read(prov)
     provenance.write(prov, command=quote(cmd), started=(earlier or {}).get("started", time.time()),
                      resumed=bool(earlier))
-    rc = run_logged(cmd, os.path.join(args.save_dir, "train.log"))
+    try:
+        rc = run_logged(cmd, os.path.join(args.save_dir, "train.log"))
+    except children.Stopped as stopped:
+        children.exit_stopped(stopped, f"train: stopped by {stopped}; fairseq-train has ended (not {DONE}); "
+                                       f"rerunning resumes from {os.path.join(args.save_dir, 'checkpoint_last.pt')}")
     if rc == 0:
         with open(os.path.join(args.save_dir, DONE), "w") as f:
             f.write(quote(cmd) + "\n")
