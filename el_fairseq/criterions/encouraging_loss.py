@@ -9,6 +9,7 @@ logs the margin/energy diagnostics so CE baselines can be compared with EL runs.
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
@@ -22,6 +23,7 @@ from fairseq.logging import metrics
 from ..loss.bonus import BONUS_KINDS, SCHEDULES, BonusSpec, EncouragingLossOptionError, scheduled_rho
 from ..loss.diagnostics import summarize, token_stats_from_logits
 from ..loss.dispatch import IMPLS, encouraging_loss, resolve_impl
+from ..loss.linear import fused_linear_encouraging_loss
 
 @dataclass
 class EncouragingLossConfig(LabelSmoothedCrossEntropyCriterionConfig):
@@ -74,6 +76,12 @@ class EncouragingLossConfig(LabelSmoothedCrossEntropyCriterionConfig):
     no_log_diagnostics: bool = field(
         default=False, metadata={"help": "do not compute or log the diagnostics"},
     )
+    el_fused_projection: bool = field(
+        default=False,
+        metadata={"help": "run the decoder with features_only=True and take the loss from its features and "
+                  "output projection in token chunks, without the (tokens x V) logits (large vocabularies); "
+                  "needs a plain output projection (no adaptive softmax)"},
+    )
 
 
 def _current_num_updates() -> int:
@@ -97,8 +105,9 @@ def _log_diagnostics(logging_outputs):
 class _DiagnosticsMixin:
     """Margin/energy logging for any LS-CE-shaped criterion."""
 
-    def _logging_output(self, model, net_output, sample, loss, nll_loss, extra):
-        """fairseq LS-CE's logging output (plus `extra`); returns (sample_size, logging_output)."""
+    def _logging_output(self, model, net_output, sample, loss, nll_loss, extra, accuracy=None):
+        """fairseq LS-CE's logging output (plus `extra`); returns (sample_size, logging_output).
+        accuracy: (n_correct, total) when there are no logits to take it from."""
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": loss.data,
@@ -109,7 +118,7 @@ class _DiagnosticsMixin:
             **extra,
         }
         if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            n_correct, total = accuracy if accuracy is not None else self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(total.data)
         return sample_size, logging_output
@@ -153,6 +162,7 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
         el_impl="auto",
         log_diagnostics=None,
         no_log_diagnostics=False,
+        el_fused_projection=False,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         if not 0.0 <= label_smoothing < 1.0:
@@ -172,6 +182,7 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
             raise EncouragingLossOptionError("--log-diagnostics and --no-log-diagnostics contradict each other: "
                                              "pass one of them")
         self.log_diagnostics = not no_log_diagnostics and log_diagnostics is not False
+        self.el_fused_projection = bool(el_fused_projection)
 
     def current_spec(self) -> BonusSpec:
         if self.bonus_schedule == "constant":
@@ -182,6 +193,8 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
                          self.spec.epsilon, rho)
 
     def forward(self, model, sample, reduce=True):
+        if self.el_fused_projection:
+            return self._fused_projection_forward(model, sample, reduce)
         net_output = model(**sample["net_input"])
         loss, nll_loss, extra = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size, logging_output = self._logging_output(model, net_output, sample, loss, nll_loss, extra)
@@ -204,9 +217,43 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
             loss, nll = loss.sum(), nll.sum()
         return loss, nll, extra
 
+    def _fused_projection_forward(self, model, sample, reduce):
+        """--el-fused-projection: the decoder's features and its output projection's weight (the shared
+        embedding's with --share-decoder-input-output-embed: autograd accumulates both uses into the one
+        parameter, as without the flag) go to the fused linear loss; accuracy comes from the margins
+        (the target is the argmax where z_y > max_{j != y} z_j; exact ties count as wrong)."""
+        projection = _output_projection(model)
+        features, extra_out = model(**sample["net_input"], features_only=True)
+        target = model.get_targets(sample, (features, extra_out))
+        if self.ignore_prefix_size > 0:
+            features = features[:, self.ignore_prefix_size:, :]
+            target = target[:, self.ignore_prefix_size:]
+        loss, nll, stats = fused_linear_encouraging_loss(features, projection.weight, projection.bias, target, self.eps,
+                                                         self.current_spec(), ignore_index=self.padding_idx,
+                                                         reduce=reduce, impl=self.el_impl)
+        flat = target.reshape(-1)
+        extra = summarize(stats, nll, flat, self.padding_idx) if self.log_diagnostics else {}
+        kept = flat.ne(self.padding_idx)
+        accuracy = (((stats[:, 1] > 0) & kept).sum(), kept.sum())
+        nll = nll.sum() if reduce else nll
+        return (loss, *self._logging_output(model, None, sample, loss, nll, extra, accuracy))
+
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def _output_projection(model):
+    """The decoder's plain output projection (an nn.Linear), or a one-line refusal."""
+    decoder = getattr(model, "decoder", None)
+    projection = getattr(decoder, "output_projection", None)
+    if getattr(decoder, "adaptive_softmax", None) is not None:
+        raise EncouragingLossOptionError("--el-fused-projection needs a plain output projection: this decoder "
+                                         "uses adaptive softmax (drop one of the two)")
+    if not isinstance(projection, torch.nn.Linear):
+        raise EncouragingLossOptionError(f"--el-fused-projection needs a decoder with a plain output projection "
+                                         f"(decoder.output_projection, an nn.Linear): {type(decoder).__name__} has none")
+    return projection
 
 
 @register_criterion("encouraging_label_smoothed_cross_entropy", dataclass=EncouragingLossConfig)

@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .api import check_options, fairseq_epsilon, make_spec
+from .api import _check_weight, _loss as _logits_loss, _unfused, check_options, fairseq_epsilon, make_spec
 from .bonus import BonusSpec
 from .chunked import compute_dtype
+from .diagnostics import token_stats_from_logits
+from .reference import class_weighted_loss
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
@@ -50,10 +52,13 @@ def _check_shapes(input, weight, bias, target, chunk_size):
     if bias is not None and tuple(bias.shape) != (weight.size(0),):
         raise ValueError(f"linear_bias shape {tuple(bias.shape)} does not match linear_weight "
                          f"{tuple(weight.shape)}: expected ({weight.size(0)},)")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
+    probabilities = (*input.shape[:-1], weight.size(0))
+    if target.is_floating_point() and tuple(target.shape) == probabilities:
+        pass  # class probabilities (..., V), as torch takes them
+    elif tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} does not match input {tuple(input.shape)}: "
-                         f"expected {tuple(input.shape[:-1])}")
-    if target.is_floating_point() or target.is_complex():
+                         f"expected {tuple(input.shape[:-1])} (class indices) or {probabilities} (probabilities)")
+    elif target.is_floating_point() or target.is_complex():
         raise ValueError(f"target must hold class indices (an integer dtype), got {target.dtype}")
     if not input.is_floating_point():
         raise ValueError(f"input must be floating point, got {input.dtype}")
@@ -160,36 +165,69 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
     x = input.reshape(-1, input.size(-1))
     flat = target.reshape(-1)
     if impl == "reference":
-        out = dispatch.encouraging_loss(F.linear(x, weight, bias), flat, epsilon, spec, ignore_index, reduce,
-                                        impl, with_stats=True)
-        return out[0], out[1], out[2].float()
+        loss, nll, stats = dispatch.encouraging_loss(F.linear(x, weight, bias), flat, epsilon, spec, ignore_index,
+                                                     reduce=False, impl=impl, with_stats=True)
+        return (loss.sum() if reduce else loss), nll, stats.float()
     vocab = weight.size(0)
-    keep = flat if ignore_index is None else flat[flat.ne(ignore_index)]
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= vocab):
-        raise ValueError(f"target values must be in [0, {vocab}) or ignore_index {ignore_index}, "
-                         f"got {int(keep.min())}..{int(keep.max())}")
+    _check_targets(flat, vocab, ignore_index)
     work = compute_dtype(input.dtype)
     path = dispatch.checked_path(x.new_empty(0, vocab, dtype=work), impl, epsilon, spec, ignore_index)
-    kernel = dispatch.KERNELS[path]()
-    step = chunk_size or default_chunk_size(vocab)
-    grad_wanted = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
+    return _chunked(x, weight, bias, flat, epsilon, spec, ignore_index, dispatch.KERNELS[path](), reduce, chunk_size)
+
+
+def _chunked(x, weight, bias, target, epsilon, spec, ignore_index, kernel, reduce, chunk_size):
+    """(loss, nll, stats) over row chunks of x (N, D) with `kernel` (dispatch.KERNELS' interface)."""
+    step = chunk_size or default_chunk_size(weight.size(0))
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not grad_wanted:  # validation, torch.no_grad: the loss only, no gradient work
-        loss, nll, stats, _ = _chunk_pass(x, weight, bias, flat, epsilon, spec, ignore_index, kernel, step,
+        loss, nll, stats, _ = _chunk_pass(x, weight, bias, target, epsilon, spec, ignore_index, kernel, step,
                                           (False, False, False))
         return (loss.sum() if reduce else loss), nll, stats
     function = _SummedLinearLoss if reduce else _PerTokenLinearLoss
-    return function.apply(x, weight, bias, flat, epsilon, spec, ignore_index, kernel, step)
+    return function.apply(x, weight, bias, target, epsilon, spec, ignore_index, kernel, step)
 
 
-def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, log_end=0.75, bonus="log",
-                            bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0, bonus_start=0.0,
+def class_weighted_kernel(class_weight, label_smoothing):
+    """A per-chunk kernel (dispatch.KERNELS' interface) for what the fused kernels do not take: class
+    weights with label smoothing, and probability targets. reference.class_weighted_loss on the chunk's
+    logits (torch's conventions, `epsilon` unused), its gradient by autograd: a few (chunk, V) temporaries,
+    still never (N, V). nll: -sum_j t_j log p_j; stats: [z_y, margin] for class indices, zeros for
+    probabilities (no single target)."""
+    def kernel(z, target, epsilon, spec, ignore_index, need_grad=True):
+        soft = target.is_floating_point()
+        kept = None if soft else target.ne(ignore_index)
+        safe = target.to(z.dtype) if soft else target.masked_fill(~kept, 0)
+        w = None if class_weight is None else class_weight.to(device=z.device, dtype=z.dtype)
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(need_grad)
+            lprobs = torch.log_softmax(z, dim=-1)
+            loss = class_weighted_loss(lprobs, safe, w, label_smoothing, spec)
+            if kept is not None:
+                loss = loss.masked_fill(~kept, 0.0)
+            grad = torch.autograd.grad(loss.sum(), z)[0] if need_grad else None
+        with torch.no_grad():
+            if soft:
+                nll = class_weighted_loss(lprobs, safe, None, 0.0, BonusSpec(rho=0.0))
+                stats = z.new_zeros(z.size(0), 2, dtype=torch.float32)
+            else:
+                nll = -lprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1).masked_fill(~kept, 0.0)
+                stats = token_stats_from_logits(z, target, ignore_index)
+        return loss.detach(), nll, stats, grad
+    return kernel
+
+
+def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, weight=None, log_end=0.75,
+                            bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0, bonus_start=0.0,
                             label_smoothing=0.0, ignore_index=-100, reduction="mean", impl="auto",
                             chunk_size=None):
     """`encouraging_loss(F.linear(input, linear_weight, linear_bias), target, ...)` without the logits,
     argument order of `torch.nn.functional.linear_cross_entropy`.
 
-    input (..., D), linear_weight (V, D), linear_bias (V,) or None, target (...) class indices.
+    input (..., D), linear_weight (V, D), linear_bias (V,) or None, target (...) class indices or (..., V)
+    class probabilities; weight (V,): per-class weights, as encouraging_loss applies them. Without
+    label smoothing a weight scales the token's loss, w_y (CE + rho b(p_y)): the fused kernel's per-token
+    loss times w_y (its backward recomputes each chunk, as for "none"); with smoothing, and for
+    probability targets, each chunk runs class_weighted_kernel (plain torch) instead of a fused kernel.
     Every option is encouraging_loss's (api.py): log_end, bonus, bonus_rho, bonus_label_smoothing,
     bonus_gamma, bonus_start, label_smoothing, ignore_index, reduction ("mean" over non-ignored
     targets, "sum", "none": shape of target), impl (the per-chunk kernel: "auto", "native", "triton",
@@ -200,20 +238,67 @@ def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, l
     check_options(label_smoothing, reduction, impl)
     spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
     return _linear_loss(input, linear_weight, linear_bias, target, spec, label_smoothing, ignore_index,
-                        reduction, impl, chunk_size)
+                        reduction, impl, chunk_size, weight)
 
 
-def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_index, reduction, impl, chunk_size):
+def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_index, reduction, impl, chunk_size,
+                 class_weight=None):
     _check_shapes(input, weight, bias, target, chunk_size)
-    epsilon = fairseq_epsilon(label_smoothing, weight.size(0))
-    loss, _, _ = fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec, ignore_index,
-                                               reduce=reduction != "none", impl=impl, chunk_size=chunk_size)
-    loss = loss.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else loss
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss
-    return loss / target.ne(ignore_index).sum()  # like torch: the mean over non-ignored targets (nan if none)
+    class_weight = _check_weight(class_weight, weight.size(0))
+    soft = target.is_floating_point()
+    if class_weight is None and not soft:
+        epsilon = fairseq_epsilon(label_smoothing, weight.size(0))
+        loss, _, _ = fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec, ignore_index,
+                                                   reduce=reduction != "none", impl=impl, chunk_size=chunk_size)
+        loss = loss.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else loss
+        if reduction == "none":
+            return loss.reshape(target.shape)
+        if reduction == "sum":
+            return loss
+        return loss / target.ne(ignore_index).sum()  # like torch: the mean over non-ignored targets (nan if none)
+    return _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index,
+                                 reduction, impl, chunk_size)
+
+
+def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index, reduction,
+                          impl, chunk_size):
+    """Class weights and probability targets (encouraging_loss's semantics, api.py), over chunks."""
+    vocab, soft = weight.size(0), target.is_floating_point()
+    rows_shape = target.shape[:-1] if soft else target.shape
+    x = input.reshape(-1, input.size(-1))
+    flat = target.reshape(-1, vocab) if soft else target.reshape(-1)
+    if impl == "reference":  # the full logits, plain torch (for tests)
+        out = _logits_loss(F.linear(x, weight, bias), flat, class_weight, ignore_index, reduction, label_smoothing,
+                           spec, impl)
+        return out.reshape(rows_shape) if reduction == "none" else out
+    smoothed = label_smoothing > 0.0 or (spec.active and spec.epsilon > 0.0)
+    reduce = reduction != "none"
+    if soft or smoothed:
+        _unfused(impl, "probability targets" if soft else "weight with label_smoothing or bonus_label_smoothing")
+        if not soft:
+            _check_targets(flat, vocab, ignore_index)
+        kernel = class_weighted_kernel(class_weight, label_smoothing)
+        loss = _chunked(x, weight, bias, flat, 0.0, spec, ignore_index, kernel, reduce, chunk_size)[0]
+    else:  # a weight without smoothing scales the fused per-token loss: w_y (CE + rho b(p_y))
+        loss = fused_linear_encouraging_loss(x, weight, bias, flat, 0.0, spec, ignore_index, reduce=False, impl=impl,
+                                             chunk_size=chunk_size)[0]
+        loss = loss * class_weight.to(loss.dtype)[flat.masked_fill(flat.eq(ignore_index), 0)]  # 0 at ignored
+        loss = loss.sum() if reduce else loss
+    if soft:
+        count = flat.size(0)  # torch: the mean over rows
+    else:
+        kept = flat.ne(ignore_index)
+        w_y = class_weight.to(loss.dtype)[flat.masked_fill(~kept, 0)]
+        count = w_y.masked_fill(~kept, 0.0).sum()
+    out = loss.reshape(rows_shape) if reduction == "none" else loss if reduction == "sum" else loss / count
+    return out.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else out
+
+
+def _check_targets(flat, vocab, ignore_index):
+    keep = flat if ignore_index is None else flat[flat.ne(ignore_index)]
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= vocab):
+        raise ValueError(f"target values must be in [0, {vocab}) or ignore_index {ignore_index}, "
+                         f"got {int(keep.min())}..{int(keep.max())}")
 
 
 class EncouragingLinearLoss(torch.nn.Module):
@@ -226,19 +311,20 @@ class EncouragingLinearLoss(torch.nn.Module):
     Options as in encouraging_linear_loss (defaults of the authors' EncouragingLoss.py).
     """
 
-    def __init__(self, in_features, num_classes, *, bias=False, device=None, dtype=None, log_end=0.75,
+    def __init__(self, in_features, num_classes, *, bias=False, device=None, dtype=None, weight=None, log_end=0.75,
                  reduction="mean", bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0,
                  bonus_start=0.0, label_smoothing=0.0, ignore_index=-100, impl="auto", chunk_size=None):
         super().__init__()
         check_options(label_smoothing, reduction, impl)
         self.spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", _check_weight(weight, num_classes))  # class weights, as in torch
         self.label_smoothing, self.ignore_index, self.reduction = label_smoothing, ignore_index, reduction
         self.impl, self.chunk_size = impl, chunk_size
 
     def forward(self, input, target):
         return _linear_loss(input, self.linear.weight, self.linear.bias, target, self.spec, self.label_smoothing,
-                            self.ignore_index, self.reduction, self.impl, self.chunk_size)
+                            self.ignore_index, self.reduction, self.impl, self.chunk_size, self.weight)
 
     def extra_repr(self):
         s = self.spec
