@@ -27,7 +27,7 @@ def conventions(lprobs, target, eps):
 def measure(checkpoint, data, subset="valid", eps=0.1, max_tokens=4096):
     from fairseq import checkpoint_utils
 
-    import el_fairseq  # noqa: F401  (torch >= 2.6 checkpoint loading)
+    import el_fairseq.criterions  # noqa: F401  (the plugin: torch >= 2.6 checkpoint loading)
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
     model = models[0].eval()

@@ -1,24 +1,30 @@
-"""Make fairseq 0.12 usable with recent torch; applied when the plugin is imported.
+"""Make fairseq 0.12 usable with recent torch. Nothing happens on import: apply() patches fairseq
+when the plugin is loaded (fairseq's --user-dir, or `import el_fairseq.criterions`), never on
+`import el_fairseq` (the public PyTorch loss).
 
 1. torch >= 2.6 loads with weights_only=True, and fairseq checkpoints (which pickle an
-   argparse.Namespace / omegaconf config) then fail: "Unsupported global: argparse.Namespace".
-   We give fairseq.checkpoint_utils, and only it, a `torch` whose load() defaults to
-   weights_only=False. That covers fairseq-generate, resuming training and model loading; these
-   files are the user's own checkpoints, the trust model fairseq was written for.
+   argparse.Namespace, numpy arrays) then fail: "Unsupported global: argparse.Namespace".
+   fairseq.checkpoint_utils and fairseq.distributed.utils (rank 0 sends a loaded checkpoint to
+   the other ranks) get a `torch` whose load() is el_fairseq.safe_loading's: weights_only=True with
+   the globals fairseq checkpoints contain allowed for that load only; a file needing anything
+   else is refused (one line) unless named in EL_FAIRSEQ_TRUST_CHECKPOINT.
 2. ve-fairseq 0.12.3's data_utils.batch_by_size drops the last batch when its size is not a
    multiple of --required-batch-size-multiple (default 8): 100 test sentences gave 96 batched
    ones, so fairseq-generate scored only part of a test set. We call the same cython batching
    and keep every batch.
-3. An out-of-range criterion option raises EncouragingLossOptionError; fairseq's command-line
-   tools would print it under a traceback wall. A chained sys.excepthook prints that error
-   alone, as one line, and exits with status 2 like argparse does.
+3. An out-of-range criterion option raises EncouragingLossOptionError, a refused checkpoint
+   UntrustedCheckpointError; fairseq's command-line tools would print them under a traceback
+   wall. A chained sys.excepthook prints such an error alone, as one line, and exits with status
+   2 like argparse does.
 4. fairseq's distributed training assumes one worker per CUDA device: on a single node it asserts
    `--distributed-world-size <= torch.cuda.device_count()` and spawns min(device count, world size)
    workers, its default backend is nccl, and its DistributedDataParallel wrapper passes
    device_ids=[rank], which torch refuses for a CPU module. With --cpu we give it what it gives
    GPUs: one spawned worker per --distributed-world-size on this node (gloo instead of nccl, a
-   free local port), and torch's DDP without device ids. torchrun and SLURM launches with --cpu
-   keep fairseq's own set-up and get gloo. Nothing changes without --cpu.
+   free local port), and torch's DDP without device ids. fairseq's default world size is the CUDA
+   device count, so --cpu on a machine with GPUs would spawn one CPU worker per GPU: with --cpu it
+   is one worker unless the command line sets --distributed-world-size. torchrun and SLURM
+   launches with --cpu keep fairseq's own set-up and get gloo. Nothing changes without --cpu.
 """
 import os
 import socket
@@ -26,33 +32,28 @@ import sys
 
 import torch
 
+from . import safe_loading
 from .loss.bonus import EncouragingLossOptionError
 
 
-class _TorchWithTrustedLoad:
-    """Stands in for the `torch` module inside fairseq.checkpoint_utils only."""
+class _TorchWithLoad:
+    """Stands in for the `torch` module inside one fairseq module: torch, with its own load()."""
+
+    def __init__(self, load):
+        self.load = load
+        self._el_fairseq = True
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    @staticmethod
-    def load(*args, **kwargs):
-        kwargs.setdefault("weights_only", False)
-        return torch.load(*args, **kwargs)
-
-
-def trusted_torch_load(path, map_location="cpu"):
-    """torch.load for fairseq checkpoints (see 1. above)."""
-    return torch.load(path, map_location=map_location, weights_only=False)
-
 
 def patch_fairseq_checkpoint_loading():
-    try:
-        from fairseq import checkpoint_utils
-    except ImportError:  # the loss package is usable without fairseq
-        return
-    if not isinstance(checkpoint_utils.torch, _TorchWithTrustedLoad):
-        checkpoint_utils.torch = _TorchWithTrustedLoad()
+    from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
+
+    for module, load in ((checkpoint_utils, safe_loading.load), (distributed_utils, safe_loading.load_broadcast_state)):
+        if not getattr(module.torch, "_el_fairseq", False):
+            module.torch = _TorchWithLoad(load)
 
 
 def _keeping_the_last_batch(batch_by_size):
@@ -84,10 +85,8 @@ def _keeping_the_last_batch(batch_by_size):
 
 
 def patch_fairseq_batching():
-    try:
-        from fairseq.data import data_utils
-    except ImportError:
-        return
+    from fairseq.data import data_utils
+
     if not getattr(data_utils.batch_by_size, "_el_fairseq", False):
         data_utils.batch_by_size = _keeping_the_last_batch(data_utils.batch_by_size)
 
@@ -105,17 +104,37 @@ def _launched_from_outside(dt):
     return dt.distributed_init_method is not None or env_launch or dt.distributed_port > 0
 
 
+WORLD_SIZE_FLAGS = ("--distributed-world-size", "distributed_training.distributed_world_size")
+
+
+def cpu_world_size(world_size, argv=None):
+    """The number of --cpu workers on this node: fairseq's default --distributed-world-size is the CUDA
+    device count, a GPU default that would spawn one CPU worker per GPU; so 1 unless `argv` (the command
+    line, or hydra's overrides) sets the world size."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.lstrip("+").split("=", 1)[0] in WORLD_SIZE_FLAGS for a in argv):
+        return world_size
+    return 1 if world_size == max(1, torch.cuda.device_count()) else world_size
+
+
 def _cpu_workers(call_main, distributed_main):
     """fairseq's call_main, with --cpu: gloo, and on one node one spawned worker per world-size slot."""
     import torch.multiprocessing as mp
 
     def patched(cfg, main, **kwargs):
         dt = cfg.distributed_training
-        if not cfg.common.cpu or dt.distributed_world_size <= 1:
+        if not cfg.common.cpu:
             return call_main(cfg, main, **kwargs)
-        if dt.distributed_backend == "nccl":  # fairseq's default; nccl has no CPU tensors
+        if _launched_from_outside(dt):  # the launcher set the world size
+            if dt.distributed_backend == "nccl":  # fairseq's default; nccl has no CPU tensors
+                dt.distributed_backend = "gloo"
+            return call_main(cfg, main, **kwargs)
+        dt.distributed_world_size = cpu_world_size(dt.distributed_world_size)
+        if dt.distributed_world_size <= 1:
+            return call_main(cfg, main, **kwargs)
+        if dt.distributed_backend == "nccl":
             dt.distributed_backend = "gloo"
-        if _launched_from_outside(dt) or dt.distributed_no_spawn:
+        if dt.distributed_no_spawn:
             return call_main(cfg, main, **kwargs)
         dt.distributed_init_method = f"tcp://127.0.0.1:{_free_local_port()}"
         kwargs["start_rank"] = dt.distributed_rank
@@ -140,11 +159,9 @@ def _cpu_aware_ddp(ddp_class):
 
 
 def patch_fairseq_distributed_cpu():
-    try:
-        from fairseq.distributed import utils as distributed_utils
-        from fairseq.models import distributed_fairseq_model
-    except ImportError:
-        return
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.models import distributed_fairseq_model
+
     if not getattr(distributed_utils.call_main, "_el_fairseq", False):
         distributed_utils.call_main = _cpu_workers(distributed_utils.call_main, distributed_utils.distributed_main)
     ddp = distributed_fairseq_model.DistributedDataParallel
@@ -154,7 +171,7 @@ def patch_fairseq_distributed_cpu():
 
 def _one_line_option_errors(previous_hook):
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, EncouragingLossOptionError):
+        if issubclass(exc_type, (EncouragingLossOptionError, safe_loading.UntrustedCheckpointError)):
             prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "fairseq"
             sys.stderr.write(f"{prog}: error: {exc}\n")
             sys.stderr.flush()
@@ -170,7 +187,9 @@ def install_excepthook():
         sys.excepthook = _one_line_option_errors(sys.excepthook)
 
 
-patch_fairseq_checkpoint_loading()
-patch_fairseq_batching()
-patch_fairseq_distributed_cpu()
-install_excepthook()
+def apply():
+    """Patch fairseq (1-4 above); idempotent. Called when the plugin is loaded, never on `import el_fairseq`."""
+    patch_fairseq_checkpoint_loading()
+    patch_fairseq_batching()
+    patch_fairseq_distributed_cpu()
+    install_excepthook()

@@ -55,7 +55,7 @@ def make_sample(batch, length, vocab, seed=0):
 
 def build(name, vocab=40, **overrides):
     """Build a registered criterion through fairseq's registry and dataclass config."""
-    import el_fairseq  # noqa: F401  (registers the criteria)
+    import el_fairseq.criterions  # noqa: F401  (the plugin: registers the criteria)
     from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
     from omegaconf import OmegaConf
 

@@ -154,7 +154,7 @@ def test_ls_ce_with_diagnostics_is_fairseq_ls_ce():
 def test_diagnostics_flags_mean_what_they_say_through_fairseqs_parser(argv, on):
     """fairseq builds the flags from the dataclass: a bool field defaulting to True would become a
     store_false flag, so `--log-diagnostics` used to switch the diagnostics off."""
-    import el_fairseq  # noqa: F401
+    import el_fairseq.criterions  # noqa: F401  (the plugin: registers the criteria)
     from fairseq import options
     from fairseq.criterions import CRITERION_REGISTRY
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf

@@ -1,1 +1,7 @@
-from . import encouraging_loss  # noqa: F401
+"""The fairseq criteria. Importing them loads the plugin: the criteria are registered with fairseq and
+el_fairseq.compat's patches applied (fairseq does this through --user-dir)."""
+from .. import compat
+
+compat.apply()
+
+from . import encouraging_loss  # noqa: F401,E402

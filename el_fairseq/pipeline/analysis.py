@@ -9,7 +9,6 @@ import os
 import numpy as np
 import torch
 
-from .. import compat  # noqa: F401  (torch >= 2.6 checkpoint loading)
 from ..loss.diagnostics import WELL_CLASSIFIED_P, token_stats_from_logits
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -31,6 +30,9 @@ def token_statistics(checkpoint, data, subset="test", max_tokens=4096, cpu=None)
     """Arrays of energy, margin and p_y over the subset's target tokens (teacher forcing)."""
     from fairseq import checkpoint_utils
 
+    from .. import compat
+
+    compat.apply()  # torch >= 2.6 loading of fairseq checkpoints (el_fairseq.safe_loading)
     use_cuda = torch.cuda.is_available() and not cpu
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
     model = models[0].eval()

@@ -1,5 +1,6 @@
 """Average fairseq checkpoints (the last N epoch or update checkpoints), like fairseq's
-scripts/average_checkpoints.py, which the pip wheels do not ship; loads with torch >= 2.6.
+scripts/average_checkpoints.py, which the pip wheels do not ship; loads with torch >= 2.6 through
+el_fairseq.safe_loading (weights_only, the globals fairseq checkpoints contain; EL_FAIRSEQ_TRUST_CHECKPOINT).
 
     el-fairseq-average-checkpoints --inputs RUN_DIR --num-epoch-checkpoints 5 --output avg.pt
     python -m el_fairseq.pipeline.checkpoints ...   (the same)
@@ -8,10 +9,11 @@ import argparse
 import collections
 import os
 import re
+import sys
 
 import torch
 
-from ..compat import trusted_torch_load
+from .. import safe_loading
 
 
 def last_checkpoints(folder, num, by="epoch"):
@@ -32,7 +34,7 @@ def average_checkpoints(paths):
     params = collections.OrderedDict()
     new_state = None
     for path in paths:
-        state = trusted_torch_load(path)
+        state = safe_loading.load(path, map_location="cpu")
         if new_state is None:
             new_state = state
         model = state["model"]
@@ -79,6 +81,8 @@ def main(argv=None):
             if not os.path.isfile(path):
                 parser.error(f"--inputs: no such checkpoint {path}")
         save_atomically(average_checkpoints(paths), args.output)
+    except safe_loading.UntrustedCheckpointError as err:
+        sys.exit(f"{parser.prog}: error: {err}")
     except ValueError as err:
         parser.error(str(err))
     print(f"averaged {len(paths)} checkpoints into {args.output}: " + " ".join(os.path.basename(p) for p in paths))
