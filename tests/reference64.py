@@ -29,11 +29,18 @@ def bonus64(p, kind="log", log_end=0.5, gamma=1.0, start=0.0):
     return value
 
 
-def el_loss64(logits, target, eps, eps_b, rho, pad=None, kind="log", log_end=0.5, gamma=1.0, start=0.0):
-    """Sum over non-padding tokens of LS-CE (fairseq 0.12) + rho * smoothed bonus. float64."""
+def el_loss64(logits, target, eps, eps_b, rho, pad=None, kind="log", log_end=0.5, gamma=1.0, start=0.0,
+              num_classes=None):
+    """Sum over non-padding tokens of LS-CE (fairseq 0.12) + rho * smoothed bonus. float64.
+
+    A term whose weight is 0 counts 0, also where its -log p is infinite (a -inf logit, a masked class):
+    without label smoothing the loss is then that of the remaining classes, as torch's cross-entropy;
+    with it, -log 0 = inf has weight eps/(V-1) and the loss is inf, as in torch and fairseq.
+    num_classes: V in the smoothing weights (default: the logits' width).
+    """
     z = logits.double().reshape(-1, logits.size(-1))
     t = target.reshape(-1)
-    V = z.size(-1)
+    V = num_classes or z.size(-1)
     total = torch.zeros((), dtype=torch.float64)
     nll_total = torch.zeros((), dtype=torch.float64)
     for i in range(z.size(0)):
@@ -43,7 +50,7 @@ def el_loss64(logits, target, eps, eps_b, rho, pad=None, kind="log", log_end=0.5
         lp = z[i] - torch.logsumexp(z[i], 0)
         p = torch.softmax(z[i], 0)
         eps_i = eps / (V - 1)
-        ce = (1 - eps - eps_i) * (-lp[y]) + eps_i * (-lp.sum())
+        ce = (1 - eps - eps_i) * (-lp[y]) + (eps_i * (-lp.sum()) if eps_i else 0.0)
         b = bonus64(p, kind, log_end, gamma, start)
         bonus = (1 - eps_b) * b[y] + eps_b / V * b.sum()
         total = total + ce + rho * bonus

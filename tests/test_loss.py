@@ -327,3 +327,135 @@ def test_fp16_gradient_within_two_ulps_after_any_loss_scale(device, impl):
         (loss * 2.0 ** k).backward()
         assert z.grad.dtype == torch.float16
         assert float(fp16_ulps(z.grad.cpu(), exact * 2.0 ** k).max()) <= 2.0, k
+
+def make_masked_batch(rows, vocab, scale, seed, pad_rows=3, most_masked=6):
+    """make_batch with 1..most_masked -inf logits (masked classes) per row at random positions other
+    than the target, padded rows included."""
+    logits, target = make_batch(rows, vocab, scale, seed, pad_rows=pad_rows)
+    g = torch.Generator().manual_seed(seed + 1000)
+    masked = torch.zeros(rows, vocab, dtype=torch.bool)
+    for i in range(rows):
+        cols = torch.randperm(vocab, generator=g)
+        cols = cols[cols != target[i]][:int(torch.randint(1, most_masked + 1, (1,), generator=g))]
+        masked[i, cols] = True
+    return logits.masked_fill(masked, float("-inf")), target, masked
+
+
+MASKED_SPECS = [BonusSpec(), BonusSpec(log_end=0.75, epsilon=0.0), BonusSpec(log_end=1.0, epsilon=0.1),
+                BonusSpec(rho=0.0), BonusSpec("power", gamma=1.0, epsilon=0.1), BonusSpec("power", gamma=2.5),
+                BonusSpec("cosine", epsilon=0.1), BonusSpec(log_end=0.75, start=0.3, epsilon=0.1)]
+
+
+def spec_id(s):
+    return f"{s.kind}-le{s.log_end}-g{s.gamma}-s{s.start}-e{s.epsilon}-r{s.rho}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("spec", MASKED_SPECS, ids=spec_id)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_masked_classes_match_float64(impl, spec, eps, scale):
+    """-inf logits: no 0 * inf = nan. Without label smoothing the loss is finite; with it -log 0 = inf
+    carries the weight eps/(V-1), and the loss is inf as torch's and fairseq's. The gradient is finite:
+    -eps/(V-1) at a masked class (the smoothing target's pull, p = 0 there), 0 without smoothing."""
+    logits, target, masked = make_masked_batch(23, 41, scale, seed=int(scale) + 7)
+    loss, nll, grad = got = run_impl(impl, logits, target, eps, spec)
+    assert bool(torch.isfinite(loss)) == (eps == 0.0) and torch.isfinite(nll) and torch.isfinite(grad).all()
+    assert_matches(got, run_ref64(logits, target, eps, spec), rtol=1e-5)
+    rows = target != PAD
+    assert torch.allclose(grad[masked & rows.unsqueeze(-1)], torch.tensor(-eps / 40), rtol=1e-5, atol=0.0)
+
+
+def run_ref64_without_masked(logits, target, spec, masked):
+    """float64 loss and gradient of every row with its masked classes removed (no label smoothing; the
+    bonus smoothing keeps its weight eps_b / V of the full vocabulary: b(0) = 0 for a removed class)."""
+    z = logits.detach().double().clone().requires_grad_(True)
+    loss = nll = torch.zeros((), dtype=torch.float64)
+    for i in range(z.size(0)):
+        if int(target[i]) == PAD:
+            continue
+        keep = ~masked[i]
+        y = keep[:int(target[i])].sum().view(1)
+        row_loss, row_nll = el_loss64(z[i, keep].unsqueeze(0), y, 0.0, spec.epsilon, spec.rho, None, spec.kind,
+                                      spec.log_end, spec.gamma, spec.start, num_classes=z.size(-1))
+        loss, nll = loss + row_loss, nll + row_nll
+    loss.backward()
+    return loss.detach(), nll.detach(), z.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("spec", MASKED_SPECS, ids=spec_id)
+def test_masked_classes_equal_the_loss_without_them(impl, spec):
+    logits, target, masked = make_masked_batch(19, 37, 6.0, seed=5)
+    want = run_ref64_without_masked(logits, target, spec, masked)
+    assert torch.isfinite(want[0])
+    assert_matches(run_impl(impl, logits, target, 0.0, spec), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_masked_classes_with_the_bonus_off_are_torch_cross_entropy(impl, label_smoothing):
+    """Values (inf with label smoothing, or where the target itself is masked) and gradients of
+    F.cross_entropy, through the public API and torch's smoothing convention."""
+    import torch.nn.functional as F
+
+    from el_fairseq import encouraging_loss as public_loss
+
+    logits, target, masked = make_masked_batch(17, 29, 4.0, seed=2, pad_rows=0)
+    target[3] = -100
+    logits[5, target[5]] = float("-inf")  # a masked target: -log p_y = inf in torch too
+    x, x_ref = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    got = public_loss(x, target, bonus_rho=0.0, label_smoothing=label_smoothing, reduction="none", impl=impl)
+    want = F.cross_entropy(x_ref, target, label_smoothing=label_smoothing, reduction="none")
+    assert not torch.isnan(got).any() and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    want.sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_default_module_with_masked_classes_is_finite_and_the_loss_without_them(impl):
+    """EncouragingLoss() (no smoothing, log bonus, LE 0.75, mean) on a masked vocabulary."""
+    from el_fairseq import EncouragingLoss
+
+    logits, target, masked = make_masked_batch(21, 33, 5.0, seed=9, pad_rows=0)
+    x = logits.clone().requires_grad_(True)
+    got = EncouragingLoss(impl=impl)(x, target)
+    got.backward()
+    want = run_ref64_without_masked(logits, target, BonusSpec(log_end=0.75, epsilon=0.0), masked)
+    assert torch.isfinite(got)
+    assert_matches((got, want[1] / 21, x.grad), tuple(w / 21 for w in want), rtol=1e-5)
+
+
+def check_half_precision_reduction(impl, dtype, reduction, rows, scale):
+    """The reduced loss of `rows` tokens of (rows, 64) `dtype` logits against F.cross_entropy of their
+    float32 values (bonus off) and the float64 reference (bonus on), rounded to `dtype`."""
+    import torch.nn.functional as F
+
+    from el_fairseq import encouraging_loss as public_loss
+    from el_fairseq.loss.api import fairseq_epsilon
+
+    logits, target = make_batch(rows, 64, scale, seed=3, dtype=dtype)
+    target[-(rows // 100 + 2):] = -100
+    kept = int((target != -100).sum())
+    rtol = 2 ** -6 if dtype == torch.bfloat16 else 2e-3  # about 2 ulps of the result
+    got = public_loss(logits, target, bonus_rho=0.0, label_smoothing=0.1, reduction=reduction, impl=impl)
+    want = F.cross_entropy(logits.float(), target, label_smoothing=0.1, reduction=reduction)
+    assert got.dtype == dtype and torch.isfinite(got) and torch.isfinite(want.to(dtype))
+    assert torch.allclose(got.float(), want.to(dtype).float(), rtol=rtol)
+    got = public_loss(logits, target, label_smoothing=0.1, reduction=reduction, impl=impl)
+    want = el_loss64(logits.double(), target, fairseq_epsilon(0.1, 64), 0.0, 1.0, -100, "log", 0.75)[0]
+    want = (want / kept if reduction == "mean" else want).to(dtype)
+    assert got.dtype == dtype and torch.isfinite(got)
+    assert torch.allclose(got.double(), want.double(), rtol=rtol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_half_precision_reductions_sum_in_float32(impl, dtype, reduction):
+    """A reduced loss is summed in float32 and returned in the input's dtype, as torch does on CUDA:
+    4,000 tokens of ~20 each sum to ~79,000, beyond fp16's 65,504, yet their mean is ~20. (torch's
+    own CPU fp16 cross-entropy accumulates in fp16 and gives inf here.)"""
+    check_half_precision_reduction(impl, dtype, reduction, rows=4000 if reduction == "mean" else 2500, scale=12.0)

@@ -97,4 +97,23 @@ for k in (0, 7, 15):
     loss, _ = encouraging_loss(z, target, 0.1, BonusSpec(), ignore_index=1, impl="triton")
     (loss * 2.0 ** k).backward()
     assert z.grad.dtype == torch.float16 and float(fp16_ulps(z.grad, exact * 2.0 ** k).max()) <= 2.0, k
+# masked classes (-inf logits): no 0 * inf = nan; the loss without them (no smoothing) or inf (smoothing),
+# like torch's cross-entropy; the same tests as test_loss.py's, on one batch size
+from test_loss import (MASKED_SPECS, check_half_precision_reduction, make_masked_batch,  # noqa: E402
+                       run_ref64_without_masked, test_default_module_with_masked_classes_is_finite_and_the_loss_without_them,
+                       test_masked_classes_with_the_bonus_off_are_torch_cross_entropy)
+
+logits, target, masked = make_masked_batch(23, 41, 5.0, seed=12)
+for spec, eps in itertools.product(MASKED_SPECS, (0.0, 0.1)):
+    loss, nll, grad = got = run_impl("triton", logits, target, eps, spec)
+    assert bool(torch.isfinite(loss)) == (eps == 0.0) and torch.isfinite(grad).all(), (spec, eps)
+    assert_matches(got, run_ref64(logits, target, eps, spec), rtol=1e-5)
+    if eps == 0.0:
+        assert_matches(got, run_ref64_without_masked(logits, target, spec, masked), rtol=1e-5)
+for label_smoothing in (0.0, 0.1):
+    test_masked_classes_with_the_bonus_off_are_torch_cross_entropy("triton", label_smoothing)
+test_default_module_with_masked_classes_is_finite_and_the_loss_without_them("triton")
+# half-precision reductions in float32: 64 tokens of ~1,700 sum to ~106,000, beyond fp16's range
+for dtype in (torch.float16, torch.bfloat16):
+    check_half_precision_reduction("triton", dtype, "mean", rows=64, scale=1000.0)
 print("triton interpreter checks passed")

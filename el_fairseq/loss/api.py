@@ -153,13 +153,14 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
             if weight is not None:
                 loss = loss * weight.to(loss.dtype)[safe]  # 0 stays 0 at ignored targets
         count = kept.sum() if weight is None else weight.to(loss.dtype)[safe].masked_fill(~kept, 0.0).sum()
-    loss = loss.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else loss
+    # loss is float32 for half-precision input (float64 for float64): reduced in that precision and then
+    # rounded to the input's dtype, as torch accumulates; fp16 per-token values summed in fp16 overflow.
     if reduction == "none":
-        return loss.reshape(rows_shape)
+        return loss.to(input.dtype).reshape(rows_shape)
     if reduction == "sum":
-        return loss.sum()
+        return loss.sum().to(input.dtype)
     # like torch: the mean over non-ignored targets, weighted by w_y with weights (nan if none)
-    return (loss.sum() / count).to(loss.dtype)
+    return (loss.sum() / count).to(input.dtype)
 
 
 def _plain_torch(logits, target, weight, label_smoothing, spec):

@@ -64,7 +64,8 @@ def _chunk_forward(z, y, epsilon, spec: BonusSpec):
     omp_y = (rest / total).squeeze(-1)
     nll = -lp_y
     eps_i = epsilon / (vocab - 1)
-    loss = (1.0 - epsilon - eps_i) * nll - eps_i * lp.sum(-1)
+    # No smoothing, no smoothing term: a masked class (z = -inf) would make it 0 * inf = nan.
+    loss = (1.0 - epsilon - eps_i) * nll - eps_i * lp.sum(-1) if epsilon > 0.0 else nll.clone()
 
     # Gradient of the CE part: p - a.  Built in place in the buffer `p` is about to leave.
     grad = p.clone() if spec.active else p

@@ -21,7 +21,9 @@ from .bonus import BonusSpec, _scalar_bonus
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel.c")
 # -ffast-math defines __FAST_MATH__, under which glibc declares the SIMD (libmvec) variants of
-# expf/logf/powf/cosf: gcc then vectorises the row loops. The kernel keeps every value finite.
+# expf/logf/powf/cosf: gcc then vectorises the row loops. Its finite-math-only part may drop any test
+# for inf or nan, so the kernel makes none: a masked class (logit -inf) goes through expf (0) and the
+# sums (-inf) by plain IEEE arithmetic, and the one 0 * inf it could meet is skipped by a flag.
 # It is a compile flag only: the link step must not see it, because gcc (and clang) then link
 # crtfastmath.o, whose constructor turns on flush-to-zero / denormals-are-zero for the whole
 # process when the library is loaded, changing every later float computation of the user's.
@@ -74,7 +76,7 @@ def _build():
         os.replace(tmp, path)  # atomic: concurrent workers never load a half-written library
     lib = ctypes.CDLL(path)
     f32, i64, i32, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.el_forward.argtypes = [ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32, f32, f32, f32, f32,
+    lib.el_forward.argtypes = [ptr, ptr, i64, i64, i64, i32, f32, i32, f32, f32, i32, f32, f32, f32, f32,
                                ptr, ptr, ptr, ptr, i32]
     lib.el_forward.restype = i32
     return lib
@@ -143,7 +145,8 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, need_grad=Tr
     b_start = _scalar_bonus(spec.start, spec) if spec.start > 0 else 0.0
     failed = lib.el_forward(
         logits.data_ptr(), target.data_ptr(), n, vocab, -1 if ignore_index is None else int(ignore_index),
-        int(ignore_index is not None), float(epsilon), float(spec.epsilon), float(spec.rho), KINDS[spec.kind],
+        int(ignore_index is not None), float(epsilon), int(epsilon > 0.0), float(spec.epsilon), float(spec.rho),
+        KINDS[spec.kind],
         float(spec.log_end), float(spec.gamma), float(spec.start), float(b_start),
         loss.data_ptr(), nll.data_ptr(), stats.data_ptr(), grad.data_ptr() if need_grad else None,
         torch.get_num_threads())

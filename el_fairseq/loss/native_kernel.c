@@ -22,6 +22,7 @@
 typedef struct {
     float eps, eps_b, rho, log_end, gamma, start, b_start;
     int kind;
+    int smooth; /* eps > 0, decided by the caller: see row() */
 } params_t;
 
 static inline float raw_bonus(float p, float omp, const params_t *q) {
@@ -130,7 +131,10 @@ static void row(const float *z, int64_t y, int64_t V, const params_t *q, float *
     const float omp_y = (float)(rest / total);
     const float eps_i = q->eps / (float)(V - 1);
     const float nll = -lp_y;
-    float loss = (1.0f - q->eps - eps_i) * nll - eps_i * (float)(zsum - (double)V * lse);
+    /* Without smoothing there is no smoothing term: a masked class (z_j = -inf) makes zsum -inf and
+       0 * inf nan. The caller's flag, not a test of eps or zsum here, so that -ffast-math (finite math
+       only, signed zeros ignored) cannot fold `eps_i == 0 ? 0 : eps_i * x` into `eps_i * x`. */
+    float loss = q->smooth ? (1.0f - q->eps - eps_i) * nll - eps_i * (float)(zsum - (double)V * lse) : nll;
     float grad_y;
     if (q->rho != 0.0f) {
         const float w_y = q->rho * (1.0f - q->eps_b);
@@ -183,9 +187,9 @@ static void row(const float *z, int64_t y, int64_t V, const params_t *q, float *
 }
 
 int el_forward(const float *logits, const int64_t *target, int64_t n_rows, int64_t V, int64_t ignore_index,
-               int has_ignore, float eps, float eps_b, float rho, int kind, float log_end, float gamma,
+               int has_ignore, float eps, int smooth, float eps_b, float rho, int kind, float log_end, float gamma,
                float start, float b_start, float *loss, float *nll, float *stats, float *grad, int threads) {
-    params_t q = {eps, eps_b, rho, log_end, gamma, start, b_start, kind};
+    params_t q = {eps, eps_b, rho, log_end, gamma, start, b_start, kind, smooth};
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {

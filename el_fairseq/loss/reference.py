@@ -7,6 +7,12 @@ Per token y (padding excluded):
     bonus = (1 - eps_b) * b(p_y) + eps_b / V * sum_j b(p_j)                 see bonus.py for b
     loss  = ce + rho * bonus
 
+Masked classes (logit -inf, p_j = 0): a term whose weight is 0 counts 0, though its -lp_j is inf
+(no 0 * inf = nan), and b(0) = 0 for every bonus. Without label smoothing the loss and its gradient
+are then those of the remaining classes, as in torch's cross-entropy; with it, -lp_j = inf carries
+the weight eps/(V-1) and the loss is inf, as in torch's and fairseq's (the gradient stays finite).
+Every fused path follows this convention.
+
 Autograd differentiates it. It holds several (N, V) temporaries; the fused paths avoid them.
 """
 import torch
@@ -17,6 +23,8 @@ from .bonus import BonusSpec, bonus_value
 def label_smoothed_ce(lprobs, target, epsilon):
     """Per-token (loss, nll) of fairseq's label_smoothed_nll_loss (0.12 formula), no masking."""
     nll = -lprobs.gather(dim=-1, index=target.unsqueeze(-1)).squeeze(-1)
+    if epsilon == 0.0:  # no smoothing term, also where a masked class makes it -inf
+        return nll, nll
     smooth = -lprobs.sum(dim=-1)
     eps_i = epsilon / (lprobs.size(-1) - 1)
     return (1.0 - epsilon - eps_i) * nll + eps_i * smooth, nll

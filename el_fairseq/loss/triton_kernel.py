@@ -65,8 +65,8 @@ if triton is not None:
     @triton.jit
     def _el_kernel(Z, T, LOSS, NLL, STATS, GRAD, stride_z, stride_g, V, ignore_index,
                    eps, eps_i, w_y, w_all, le, slope, at_le, gamma, start, b_start,
-                   KIND: tl.constexpr, ACTIVE: tl.constexpr, SMOOTH: tl.constexpr, HAS_START: tl.constexpr,
-                   WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                   KIND: tl.constexpr, ACTIVE: tl.constexpr, SMOOTH: tl.constexpr, SMOOTH_CE: tl.constexpr,
+                   HAS_START: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y_raw = tl.load(T + row)
         valid = y_raw != ignore_index
@@ -112,7 +112,10 @@ if triton is not None:
         omp_y = rest_y * inv_total
         omp_max = rest_max * inv_total
         nll = -lp_y
-        loss = (1.0 - eps - eps_i) * nll - eps_i * (zsum - V * lse)
+        if SMOOTH_CE:
+            loss = (1.0 - eps - eps_i) * nll - eps_i * (zsum - V * lse)
+        else:  # no smoothing term: a masked class (z = -inf) would make it 0 * inf = nan
+            loss = nll
 
         s_hat = 0.0
         d = 0.0
@@ -184,7 +187,8 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None, 
         spec.log_end if le_active else 2.0, 1.0 / (spec.log_end - 1.0) if le_active else 0.0,
         math.log(1.0 - spec.log_end) if le_active else 0.0, float(spec.gamma), float(spec.start),
         _scalar_bonus(spec.start, spec) if spec.start > 0 else 0.0,
-        KIND=KINDS[spec.kind], ACTIVE=spec.active, SMOOTH=spec.epsilon > 0.0, HAS_START=spec.start > 0.0,
+        KIND=KINDS[spec.kind], ACTIVE=spec.active, SMOOTH=spec.epsilon > 0.0, SMOOTH_CE=epsilon > 0.0,
+        HAS_START=spec.start > 0.0,
         WRITE_GRAD=need_grad, BLOCK=block)
     return loss, nll, stats, grad if need_grad else None
 
