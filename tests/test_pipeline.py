@@ -1,4 +1,4 @@
-"""Recipes, dry runs, GPU batch scaling, the report's arithmetic, and a resumable reproduction."""
+"""Recipes, dry runs, GPU batch scaling, and a resumable reproduction (the report's arithmetic: test_report.py)."""
 import json
 import os
 import re
@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from el_fairseq.pipeline.recipes import effective_batch_tokens, train_command
-from el_fairseq.pipeline.report import aggregate, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,80 +111,6 @@ def test_bf16_cpu_and_bad_gpu_count():
         train_command("wmt", "el", 1, "D", "S")
 
 
-def write_result(folder, tok, sacre, subset="test", name="test_2016_flickr", hyps=None, refs=None):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "result.json"), "w") as f:
-        json.dump({"checkpoint": os.path.join(os.path.dirname(folder), "x.pt"), "tokenized_bleu": tok,
-                   "subset": subset, "test_set": name,
-                   "sacrebleu": {"score": sacre, "signature": "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"}},
-                  f)
-    for fname, lines in (("hyp.detok.txt", hyps), ("ref.txt", refs)):
-        if lines is not None:
-            with open(os.path.join(folder, fname), "w") as f:
-                f.writelines(line + "\n" for line in lines)
-
-
-def test_report_mean_std_and_delta_per_subset_on_hand_made_results(tmp_path):
-    ce, el = [30.0, 31.0, 32.0], [31.5, 32.5, 34.5]
-    for seed, (c, e) in enumerate(zip(ce, el), 1):
-        for kind in ("avg", "best"):
-            write_result(str(tmp_path / f"ce_seed{seed}" / f"eval_{kind}_test"), c, c - 1)
-            write_result(str(tmp_path / f"el_seed{seed}" / f"eval_{kind}_test"), e, e - 1)
-            write_result(str(tmp_path / f"ce_seed{seed}" / f"eval_{kind}_test1"), c - 5, c - 6, "test1", "test_2017_flickr")
-            write_result(str(tmp_path / f"el_seed{seed}" / f"eval_{kind}_test1"), e - 7, e - 8, "test1", "test_2017_flickr")
-    results = report(str(tmp_path), "de-en", margins=False)
-    avg = results["table"]["test/avg/tokenized_bleu"]
-    assert avg["ce"]["mean"] == pytest.approx(31.0) and avg["ce"]["std"] == pytest.approx(1.0)
-    assert avg["el"]["mean"] == pytest.approx(32.8333333) and avg["el"]["std"] == pytest.approx(1.5275252)
-    assert avg["delta"] == pytest.approx(1.8333333)
-    assert results["table"]["test/best/sacrebleu"]["delta"] == pytest.approx(1.8333333)
-    assert results["table"]["test1/avg/tokenized_bleu"]["delta"] == pytest.approx(1.8333333 - 2)
-    assert results["subsets"] == {"test": "test_2016_flickr", "test1": "test_2017_flickr"}
-    md = (tmp_path / "RESULTS.md").read_text()
-    assert "## test: test_2016_flickr" in md and "## test1: test_2017_flickr" in md
-    assert "31.00 ± 1.00 (n=3)" in md and "+1.83" in md and "-0.17" in md and "35.09" in md and "35.50" in md
-    assert "label_smoothed_cross_entropy --label-smoothing 0.1" in md and "--criterion encouraging_loss" in md
-    assert (tmp_path / "bleu_per_seed.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "results.json").read_text())["paper"] == {"ce": 35.09, "el": 35.50}
-
-
-def test_paired_significance_gives_the_difference_with_its_interval(tmp_path):
-    import random
-
-    from sacrebleu.metrics import BLEU
-
-    rng = random.Random(3)
-    words = [f"w{i}" for i in range(30)]
-    refs = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(150)]
-
-    def degrade(ref, p):  # drop the last words of a share p of the sentences
-        return ref if rng.random() > p else " ".join(ref.split()[:8])
-    for seed, (p_ce, p_el) in enumerate([(0.6, 0.2), (0.5, 0.2)], 1):
-        hyp_ce, hyp_el = [degrade(r, p_ce) for r in refs], [degrade(r, p_el) for r in refs]
-        for loss, hyp in (("ce", hyp_ce), ("el", hyp_el)):
-            score = BLEU(lowercase=True).corpus_score(hyp, [refs]).score
-            write_result(str(tmp_path / f"{loss}_seed{seed}" / "eval_avg_test"), score, score, hyps=hyp, refs=refs)
-    results = report(str(tmp_path), "multi30k-cpu-de-en", margins=False)
-    sig = results["paired_significance"]["test"]
-    for seed in (1, 2):
-        b = sig["per_seed"][seed]
-        assert b["delta"] == pytest.approx(b["el"]["score"] - b["ce"]["score"]) and b["delta"] > 3
-        lo, hi = b["delta_ci95"]
-        assert 0 < lo < b["delta"] < hi  # a clear win: the interval excludes 0
-        assert b["p_value_bootstrap"] < 0.01 and b["p_value_ar"] < 0.01
-    pooled = sig["pooled"]
-    assert pooled["seeds"] == 2 and pooled["delta"] == pytest.approx(
-        (sig["per_seed"][1]["delta"] + sig["per_seed"][2]["delta"]) / 2)
-    assert pooled["delta_ci95"][0] > 0 and pooled["delta_ci95"][1] - pooled["delta_ci95"][0] < max(
-        sig["per_seed"][s]["delta_ci95"][1] - sig["per_seed"][s]["delta_ci95"][0] for s in (1, 2))
-    assert "| pooled (2 seeds) |" in (tmp_path / "RESULTS.md").read_text()
-
-
-def test_aggregate_single_seed_has_zero_std_and_missing_loss_has_no_delta():
-    table = aggregate({"ce": {1: {("avg", "test"): {"tokenized_bleu": 20.0, "sacrebleu": {"score": 19.0}}}}})
-    assert table["test/avg/tokenized_bleu"]["ce"]["std"] == 0.0 and "delta" not in table["test/avg/tokenized_bleu"]
-
-
 def test_reproduction_runs_then_skips_finished_work(data_bin, tmp_path):
     out = tmp_path / "repro"
     cmd = [sys.executable, "-m", "el_fairseq.pipeline.reproduce", "demo", "--seeds", "1", "--data", str(data_bin / "bin"),
@@ -202,6 +127,20 @@ def test_reproduction_runs_then_skips_finished_work(data_bin, tmp_path):
     assert run["versions"]["torch"] and run["epochs"] == 2 and run["tokens_per_s"] > 0
     assert set(results["margins"]["checkpoints"]) == {"CE", "EL"}
     assert (out / "RESULTS.md").exists() and (out / "valid_curves.png").exists()
+    evaluation = json.loads((out / "el_seed1" / "eval_avg_test" / "result.json").read_text())
+    generate = evaluation["generate"]
+    assert (generate["beam"], generate["lenpen"], generate["max_tokens"]) == (5, 1.0, 8000)
+    assert re.search(r"fairseq-generate .*--beam 5 --lenpen 1.0 --max-tokens 8000", generate["command"])
+    # the hypotheses sacreBLEU scored, kept beside results.json, rescore to the reported figure
+    from sacrebleu.metrics import BLEU
+
+    from el_fairseq.pipeline import testsets
+
+    kept = (out / "hypotheses" / "el_seed1_avg_test.txt").read_text().splitlines()
+    refs, lowercase, _ = testsets.raw_references(str(data_bin / "bin"), "test", "tgt")
+    assert len(kept) == len(refs) == evaluation["sentences"]
+    score = BLEU(lowercase=lowercase).corpus_score(kept, [refs]).score
+    assert round(score, 2) == results["table"]["test/avg/sacrebleu"]["el"]["per_seed"]["1"]
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert second.returncode == 0
     assert second.stdout.count("done already, skipped") == 8  # 2 x (train, average, 2 evaluations)

@@ -1,32 +1,58 @@
 """The reproduction report: OUT/RESULTS.md, OUT/results.json, OUT/bleu_per_seed.png, OUT/valid_curves.png,
-and the margin/energy comparison of the averaged CE and EL checkpoints of the first seed.
+OUT/hypotheses/, and the margin/energy comparison of the averaged CE and EL checkpoints of the first seed.
 
-    python -m el_fairseq.pipeline.report OUT --task TARGET [--data DATA_BIN] [--no-margins]
+    python -m el_fairseq.pipeline.report OUT --task TARGET [--data DATA_BIN] [--no-margins] [--cpu]
+    python -m el_fairseq.pipeline.report OUT --task TARGET --data DATA_BIN --from-hypotheses DIR
 
-Reads OUT/{ce,el}_seed{N}/eval_{avg,best}_{SUBSET}/result.json (and the older eval_{avg,best}/ as
-subset test), train.log, provenance.json and DONE. Per test subset: mean ± sample standard
-deviation over seeds; Δ = EL − CE; sacreBLEU's paired bootstrap (1,000 resamples) and approximate
-randomisation of EL vs CE of the same seed, with the 95% interval of Δ per seed and pooled over
-seeds. Validation curves compare NLL (and BLEU where logged), never the criteria's own losses
-(EL's includes its negative bonus).
+From the runs: reads OUT/{ce,el}_seed{N}/eval_{avg,best}_{SUBSET}/ (result.json, hyp.detok.txt,
+ref.txt; the older eval_{avg,best}/ count as subset test), train.log, provenance.json and DONE, and
+copies the detokenised hypotheses that sacreBLEU scored to OUT/hypotheses/{ce,el}_seed{N}_{avg,best}_
+{SUBSET}.txt (line i = sentence i of SUBSET, i.e. fairseq's S-/H- id i, and line i of
+DATA_BIN/{SUBSET}.raw.{tgt}), with OUT/hypotheses/evaluations.json holding each evaluation's
+result.json (fairseq's tokenized BLEU, the sacreBLEU signature, the fairseq-generate command).
+
+From hypotheses (--from-hypotheses DIR, or by itself when OUT has no evaluated run folders but has
+OUT/hypotheses/evaluations.json): no checkpoint is needed. Every sacreBLEU figure, interval and
+p-value is recomputed from DIR's hypotheses against DATA_BIN's raw references (a hypothesis file
+whose score differs from its evaluations.json entry is refused); fairseq's tokenized BLEU, which
+needs fairseq's tokenised output, is read from evaluations.json. Training times, validation curves
+and margins, which need the runs, are carried over from an earlier OUT/results.json when there is one.
+Any file can also be rescored by hand: sacrebleu DATA_BIN/test.raw.en -i OUT/hypotheses/el_seed1_avg_test.txt
+(add -lc where the signature says case:lc).
+
+Per test subset: mean ± sample standard deviation over seeds; Δ = EL − CE over the seeds evaluated for
+both. Paired tests (el_fairseq.pipeline.significance, sacreBLEU's corpus BLEU from per-sentence
+statistics, own generator independent of SACREBLEU_SEED, two-sided p-values): per seed, a paired
+bootstrap and approximate randomisation, conditional on the trained models; over seeds, a two-level
+(hierarchical) paired bootstrap. The same again with the sentences of all test subsets pooled, one
+line per checkpoint kind. "Significant" follows the 95% interval. Throughput EL / CE per seed pair,
+saying which pairs trained side by side. Validation curves compare NLL (and BLEU where logged), never
+the criteria's own losses (EL's includes its negative bonus).
 """
 import argparse
 import datetime
 import glob
 import json
+import logging
 import os
 import re
+import shutil
 import statistics
+import sys
 
-from . import provenance
+from . import provenance, significance, testsets
 from .recipes import LOSS_FLAGS, RECIPES, quote
 
 RUN_DIR = re.compile(r"(ce|el)_seed(\d+)$")
 EVAL_DIR = re.compile(r"eval_(avg|best)(?:_(\w+))?$")
+HYPOTHESIS_FILE = re.compile(r"(ce|el)_seed(\d+)_(avg|best)_(\w+)\.txt$")
 KINDS = ("avg", "best")
+KIND_LABELS = {"avg": "average of last epochs", "best": "checkpoint_best"}
 METRICS = ("tokenized_bleu", "sacrebleu")
-BOOTSTRAP_SAMPLES = 1000
-AR_TRIALS = 10000
+ALL = "all"  # the scope of the paired tests over every test subset together
+HYPOTHESES = "hypotheses"
+MANIFEST = "evaluations.json"
+FEW_SEEDS = 5
 
 
 def paper_bleu(task):
@@ -38,7 +64,8 @@ def paper_bleu(task):
 
 
 def collect(out):
-    """{loss: {seed: {(kind, subset): result}}} from the run folders."""
+    """{loss: {seed: {(kind, subset): result}}} from the run folders; each result carries the paths of
+    the hypotheses and references it was scored on (_hyp, _ref) where they exist."""
     runs = {}
     for run in sorted(glob.glob(os.path.join(out, "*_seed*"))):
         match = RUN_DIR.search(run)
@@ -51,9 +78,67 @@ def collect(out):
             if em and os.path.exists(path):
                 with open(path) as f:
                     result = json.load(f)
-                result["_dir"] = folder
+                for key, name in (("_hyp", "hyp.detok.txt"), ("_ref", "ref.txt")):
+                    if os.path.exists(os.path.join(folder, name)):
+                        result[key] = os.path.join(folder, name)
                 runs.setdefault(loss, {}).setdefault(seed, {})[(em.group(1), em.group(2) or "test")] = result
     return runs
+
+
+def hypothesis_name(loss, seed, kind, subset):
+    return f"{loss}_seed{seed}_{kind}_{subset}.txt"
+
+
+def collect_hypotheses(folder, data):
+    """The same structure as collect(), from a hypotheses folder and DATA_BIN's raw references."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: a hypotheses folder is written by this report "
+                                f"({HYPOTHESES}/ beside results.json)")
+    if not data:
+        raise ValueError(f"--data DATA_BIN is needed with hypotheses ({folder}): the raw references are there")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    target = (testsets.read(data) or {}).get("target")
+    if target is None:
+        raise ValueError(f"{data} has no testsets.json: the raw references come from data-prep's testsets.json")
+    runs = {}
+    for name, result in sorted(manifest.items()):
+        match = HYPOTHESIS_FILE.fullmatch(name)
+        if not match:
+            raise ValueError(f"{path}: entry {name!r} is not named {{ce,el}}_seed{{N}}_{{avg,best}}_{{subset}}.txt")
+        loss, seed, kind, subset = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+        testsets.raw_references(data, subset, target)  # a subset DATA_BIN lacks: one line, here
+        info = testsets.read(data)["subsets"][subset]
+        result = {**result, "_hyp": os.path.join(folder, name), "_ref": os.path.join(data, info["raw"][target])}
+        runs.setdefault(loss, {}).setdefault(seed, {})[(kind, subset)] = result
+    return runs
+
+
+def keep_hypotheses(runs, out):
+    """Copy every scored hypothesis file to OUT/hypotheses/ with evaluations.json; a new folder
+    replaces the old one whole, so that no stale file stays beside the new ones."""
+    target = os.path.join(out, HYPOTHESES)
+    entries = {(loss, seed, key): r for loss, per_seed in runs.items() for seed, results in per_seed.items()
+               for key, r in results.items() if r.get("_hyp")}
+    if not entries:
+        return None
+    if all(os.path.dirname(os.path.abspath(r["_hyp"])) == os.path.abspath(target) for r in entries.values()):
+        return target  # re-made from OUT/hypotheses itself
+    tmp = target + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    manifest = {}
+    for (loss, seed, (kind, subset)), r in sorted(entries.items()):
+        name = hypothesis_name(loss, seed, kind, subset)
+        shutil.copyfile(r["_hyp"], os.path.join(tmp, name))
+        manifest[name] = {k: v for k, v in r.items() if not k.startswith("_")}
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
 
 
 def subsets_of(runs):
@@ -67,14 +152,16 @@ def subsets_of(runs):
 
 
 def mean_std(values):
+    """Mean and sample standard deviation; the deviation of fewer than two values is None (undefined)."""
     values = list(values)
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def aggregate(runs):
-    """{subset/kind/metric: {ce, el: {per_seed, mean, std, n}, delta}}."""
+    """{subset/kind/metric: {ce, el: {per_seed, mean, std, n}, delta, delta_seeds}}; Δ is the mean over
+    the seeds that have both a CE and an EL result (delta_seeds) of EL − CE."""
     table = {}
     for subset in subsets_of(runs) or {"test": "test"}:
         for kind in KINDS:
@@ -88,8 +175,11 @@ def aggregate(runs):
                             per_seed[seed] = r["sacrebleu"]["score"] if metric == "sacrebleu" else r[metric]
                     mean, std = mean_std(per_seed.values())
                     entry[loss] = {"per_seed": per_seed, "mean": mean, "std": std, "n": len(per_seed)}
-                if entry["ce"]["mean"] is not None and entry["el"]["mean"] is not None:
-                    entry["delta"] = entry["el"]["mean"] - entry["ce"]["mean"]
+                both = sorted(set(entry["ce"]["per_seed"]) & set(entry["el"]["per_seed"]))
+                if both:
+                    entry["delta"] = statistics.fmean(entry["el"]["per_seed"][s] - entry["ce"]["per_seed"][s]
+                                                      for s in both)
+                    entry["delta_seeds"] = both
                 table[f"{subset}/{kind}/{metric}"] = entry
     return table
 
@@ -100,60 +190,77 @@ def _lines(path):
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-def _interval(values):
+def _metric(signature):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(lowercase="case:lc" in signature)
+
+
+def sentence_statistics(runs):
+    """{(loss, seed, kind, subset): per-sentence sacreBLEU statistics} of every result with its
+    hypotheses and references, each checked against the score its result.json records."""
+    stats = {}
+    for loss, per_seed in runs.items():
+        for seed, results in per_seed.items():
+            for (kind, subset), r in results.items():
+                if not (r.get("_hyp") and r.get("_ref")):
+                    continue
+                metric = _metric(r["sacrebleu"]["signature"])
+                s = significance.sentence_stats(metric, _lines(r["_hyp"]), _lines(r["_ref"]))
+                score = significance.corpus_bleu(metric, s.sum(0))
+                if abs(score - r["sacrebleu"]["score"]) > 0.005 + 1e-9:
+                    raise ValueError(f"{r['_hyp']} scores {score:.2f} against {r['_ref']}, but its evaluation "
+                                     f"recorded {r['sacrebleu']['score']:.2f}: not the references it was scored on")
+                stats[(loss, seed, kind, subset)] = s
+    return stats
+
+
+def paired_significance(runs, stats=None, samples=significance.BOOTSTRAP_SAMPLES, trials=significance.AR_TRIALS):
+    """{kind: {subset or 'all': {per_seed, over_seeds, seeds_left_out, signature, sentences}}}.
+
+    Per seed: paired bootstrap (each system's score and 95% interval, Δ with its interval and two-sided
+    p) and approximate randomisation (two-sided p), conditional on the trained models. Over seeds: the
+    two-level bootstrap. 'all': the sentences of every subset concatenated, per seed."""
     import numpy as np
 
-    lo, hi = np.percentile(np.asarray(values), [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def paired_significance(runs, kind="avg", samples=BOOTSTRAP_SAMPLES, trials=AR_TRIALS):
-    """Per subset: EL vs CE of the same seed with sacreBLEU's paired tests, and pooled over seeds.
-
-    sacreBLEU's paired bootstrap gives each system's mean and 95% interval over resampled test sets
-    and the p-value; its resampling is seeded (SACREBLEU_SEED, 12345), so CE and EL are resampled
-    with the same sentence indices, and their per-resample differences give the 95% interval of
-    Δ = EL − CE. Pooled: the mean over seeds of those per-resample differences. Approximate
-    randomisation adds its p-value."""
-    from sacrebleu.metrics import BLEU
-    from sacrebleu.significance import PairedTest, _bootstrap_resample
-
+    stats = sentence_statistics(runs) if stats is None else stats
+    subsets = list(subsets_of(runs))
+    seeds = sorted(set(runs.get("ce", {})) | set(runs.get("el", {})))
     out = {}
-    for subset in subsets_of(runs):
-        per_seed, deltas_by_seed = {}, []
-        for seed in sorted(set(runs.get("ce", {})) & set(runs.get("el", {}))):
-            ce, el = runs["ce"][seed].get((kind, subset)), runs["el"][seed].get((kind, subset))
-            if not ce or not el:
+    for kind in KINDS:
+        scopes = {subset: [subset] for subset in subsets}
+        if len(subsets) > 1:
+            scopes[ALL] = subsets
+        for scope, members in scopes.items():
+            pairs, left_out = {}, {}
+            for seed in seeds:
+                missing = [f"{loss.upper()} {subset}" for subset in members for loss in ("ce", "el")
+                           if (loss, seed, kind, subset) not in stats]
+                if missing:
+                    left_out[seed] = "no scored hypotheses for " + ", ".join(missing)
+                    continue
+                pairs[seed] = tuple(np.concatenate([stats[(loss, seed, kind, subset)] for subset in members])
+                                    for loss in ("ce", "el"))
+            if not pairs:
                 continue
-            try:
-                ref = _lines(os.path.join(ce["_dir"], "ref.txt"))
-                hyp = {"CE": _lines(os.path.join(ce["_dir"], "hyp.detok.txt")),
-                       "EL": _lines(os.path.join(el["_dir"], "hyp.detok.txt"))}
-            except OSError:
-                continue
-            lowercase = "case:lc" in ce["sacrebleu"]["signature"]
-            bleu = BLEU(lowercase=lowercase)
-            bs = PairedTest(list(hyp.items()), {"BLEU": bleu}, [ref], test_type="bs", n_samples=samples)()[1]["BLEU"]
-            ar = PairedTest(list(hyp.items()), {"BLEU": BLEU(lowercase=lowercase)}, [ref], test_type="ar",
-                            n_samples=trials)()[1]["BLEU"]
-            resampled = {}
-            for name in ("CE", "EL"):
-                stats = bleu._extract_corpus_statistics(hyp[name], [ref])
-                resampled[name] = [s.score for s in _bootstrap_resample(stats, bleu, samples)[1]]
-            deltas = [e - c for c, e in zip(resampled["CE"], resampled["EL"])]
-            deltas_by_seed.append(deltas)
-            per_seed[seed] = {
-                "ce": {"score": bs[0].score, "mean": bs[0].mean, "ci": bs[0].ci},
-                "el": {"score": bs[1].score, "mean": bs[1].mean, "ci": bs[1].ci},
-                "delta": bs[1].score - bs[0].score, "delta_ci95": _interval(deltas),
-                "p_value_bootstrap": bs[1].p_value, "p_value_ar": ar[1].p_value}
-        if not per_seed:
-            continue
-        pooled = [statistics.fmean(d[i] for d in deltas_by_seed) for i in range(samples)]
-        out[subset] = {"per_seed": per_seed, "pooled": {
-            "seeds": len(per_seed), "delta": statistics.fmean(p["delta"] for p in per_seed.values()),
-            "delta_ci95": _interval(pooled)}, "samples": samples, "trials": trials,
-            "signature": next(iter(runs["ce"].values()))[(kind, subset)]["sacrebleu"]["signature"]}
+            signatures = {runs[loss][seed][(kind, subset)]["sacrebleu"]["signature"]
+                          for seed in pairs for subset in members for loss in ("ce", "el")}
+            if len(signatures) > 1:
+                raise ValueError(f"{kind} {scope}: results scored with different sacreBLEU signatures: "
+                                 + "; ".join(sorted(signatures)))
+            signature = signatures.pop()
+            metric = _metric(signature)
+            generator = significance.rng()
+            per_seed = {}
+            for seed, (ce, el) in pairs.items():
+                per_seed[seed] = significance.paired_bootstrap(metric, ce, el, samples, generator)
+                per_seed[seed]["p_value_ar"] = significance.approximate_randomization(
+                    metric, ce, el, trials, generator)["p_value"]
+            over = significance.hierarchical_bootstrap(metric, list(pairs.values()), samples, generator)
+            out.setdefault(kind, {})[scope] = {
+                "subsets": members, "sentences": int(len(next(iter(pairs.values()))[0])), "signature": signature,
+                "per_seed": per_seed, "over_seeds": over, "seeds_left_out": left_out,
+                "samples": samples, "trials": trials, "rng_seed": significance.RNG_SEED}
     return out
 
 
@@ -172,7 +279,9 @@ def valid_curves(out):
 
 
 def run_provenance(out):
-    """{run: {command, versions, machine, epochs, wall_s, tokens_per_s}} of every run folder."""
+    """{run: {command, versions, machine, started, finished, epochs, wall_s, tokens_per_s}} of every
+    finished run folder; finished is the time DONE was written (the wrapper writes it as fairseq-train
+    ends), else started + the run's wall time."""
     runs = {}
     for run in sorted(glob.glob(os.path.join(out, "*_seed*"))):
         if not RUN_DIR.search(run) or not os.path.isdir(run):
@@ -184,28 +293,91 @@ def run_provenance(out):
         with open(done, encoding="utf-8") as f:  # the command that finished the run
             record["command"] = f.read().strip()
         record.update(provenance.training_speed(os.path.join(run, "train.log")) or {})
+        finished = os.path.getmtime(done)
+        if record.get("started") is not None and finished < record["started"] and record.get("wall_s"):
+            finished = record["started"] + record["wall_s"]  # DONE's time lost (a copy): the log's wall time
+        record["finished"] = finished
         runs[os.path.basename(run)] = record
     return runs
 
 
-def plot(table, curves, out, subset="test"):
+def throughput_pairs(prov):
+    """{seed: {ce, el (tokens/s), ratio (EL / CE), side_by_side}} for every seed with both runs timed;
+    side by side: the two runs' wall-clock intervals (started to finished) overlap, so both ran under
+    the same load."""
+    pairs = {}
+    for run, ce in prov.items():
+        match = RUN_DIR.search(run)
+        el = prov.get(f"el_seed{match.group(2)}") if match and match.group(1) == "ce" else None
+        if not el or not ce.get("tokens_per_s") or not el.get("tokens_per_s"):
+            continue
+        times = [r.get(k) for r in (ce, el) for k in ("started", "finished")]
+        side = None if None in times else max(times[0], times[2]) < min(times[1], times[3])
+        pairs[int(match.group(2))] = {"ce": ce["tokens_per_s"], "el": el["tokens_per_s"],
+                                      "ratio": el["tokens_per_s"] / ce["tokens_per_s"], "side_by_side": side}
+    return dict(sorted(pairs.items()))
+
+
+def language_pair(runs, task):
+    """'de-en' from the evaluations (their data folder's testsets.json), else the task's name."""
+    for per_seed in runs.values():
+        for results in per_seed.values():
+            for r in results.values():
+                if r.get("pair"):
+                    return r["pair"]
+                info = testsets.read(r["data"]) if r.get("data") and os.path.isdir(r["data"]) else None
+                if info and info.get("source") and info.get("target"):
+                    return f"{info['source']}-{info['target']}"
+    return task
+
+
+def per_seed_figure(table, sig, subset, subsets, label):
+    """Grouped bars of sacreBLEU per seed (averaged checkpoints, SUBSET), with each bar's 95% bootstrap
+    interval (conditional on the trained model) as error bars, y from 0; None without results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entry = table.get(f"{subset}/avg/sacrebleu")
+    if not entry or not (entry["ce"]["n"] or entry["el"]["n"]):
+        return None
+    seeds = sorted(set(entry["ce"]["per_seed"]) | set(entry["el"]["per_seed"]))
+    tested = (sig.get("avg") or {}).get(subset, {}).get("per_seed", {})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for offset, loss in ((-0.2, "ce"), (0.2, "el")):
+        xs, heights, low, high = [], [], [], []
+        for i, seed in enumerate(seeds):
+            if seed not in entry[loss]["per_seed"]:
+                continue
+            xs.append(i + offset)
+            # the unrounded score its interval belongs to (result.json rounds to 2 decimals)
+            heights.append(tested[seed][loss]["score"] if seed in tested else entry[loss]["per_seed"][seed])
+            ci = tested[seed][loss]["ci95"] if seed in tested else None
+            # a percentile interval need not contain the full-set score: clip, never a negative bar
+            low.append(max(0.0, heights[-1] - ci[0]) if ci else 0.0)
+            high.append(max(0.0, ci[1] - heights[-1]) if ci else 0.0)
+        ax.bar(xs, heights, width=0.4, label=loss.upper(), yerr=[low, high], capsize=4)
+    ax.set_xticks(range(len(seeds)))
+    ax.set_xticklabels([str(s) for s in seeds])
+    ax.set_xlabel("seed")
+    ax.set_ylabel("sacreBLEU (averaged checkpoint)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{label}: sacreBLEU per seed on {subset} ({subsets.get(subset, subset)})\n"
+                 "error bars: 95% paired-bootstrap interval, given the trained model", fontsize=9)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot(table, sig, curves, out, subset, subsets, label):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    entry = table.get(f"{subset}/avg/tokenized_bleu")
-    if entry and (entry["ce"]["n"] or entry["el"]["n"]):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for offset, loss in ((-0.2, "ce"), (0.2, "el")):
-            seeds = list(entry[loss]["per_seed"])
-            ax.bar([s + offset for s in seeds], list(entry[loss]["per_seed"].values()), width=0.4, label=loss.upper())
-        ax.set_xlabel("seed")
-        ax.set_ylabel(f"tokenized BLEU, {subset} (averaged checkpoint)")
-        ax.legend()
-        values = [v for loss in ("ce", "el") for v in entry[loss]["per_seed"].values()]
-        ax.set_ylim(max(0.0, min(values) - 2), max(values) + 1)
+    fig = per_seed_figure(table, sig, subset, subsets, label)
+    if fig is not None:
         written.append(_save(fig, os.path.join(out, "bleu_per_seed.png")))
     if any(curves.values()):
         has_bleu = any(p[2] is not None for pts in curves.values() for p in pts)
@@ -222,6 +394,7 @@ def plot(table, curves, out, subset="test"):
         if has_bleu:
             axes[0][1].set_xlabel("epoch")
             axes[0][1].set_ylabel("validation BLEU")
+        fig.suptitle(f"{label}: validation curves", fontsize=9)
         written.append(_save(fig, os.path.join(out, "valid_curves.png")))
     return written
 
@@ -239,7 +412,30 @@ def _save(fig, path):
 def _fmt(stat):
     if stat["mean"] is None:
         return "-"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.2f} (1 seed)"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f} (n={stat['n']})"
+
+
+def _seeds(seeds):
+    seeds = list(seeds)
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}"
+
+
+def _delta_cell(entry):
+    if "delta" not in entry:
+        return "-"
+    every = sorted(set(entry["ce"]["per_seed"]) | set(entry["el"]["per_seed"]))
+    cell = f"{entry['delta']:+.2f}"
+    return cell if entry["delta_seeds"] == every else f"{cell} ({_seeds(entry['delta_seeds'])} only)"
+
+
+def _ci(ci, sign="+"):
+    return f"[{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]"
+
+
+def _verdict(test):
+    return "yes" if test["significant"] else "no"
 
 
 def _machine_line(prov):
@@ -252,44 +448,137 @@ def _machine_line(prov):
             f"el-fairseq {v.get('el-fairseq')} (git {v.get('el-fairseq_git')}).")
 
 
-def render_markdown(task, table, significance, margins, subsets, prov, pngs):
-    lines = [f"# CE vs EL: {task}", "",
-             f"Generated by `python -m el_fairseq.pipeline.report` on {datetime.date.today().isoformat()}. "
-             "Mean ± sample standard deviation over seeds; Δ = EL − CE. A Δ smaller than the seeds' standard "
-             "deviations is not a result.", ""]
+def _scope_name(scope, sig, subsets):
+    if scope == ALL:
+        return f"all test sets together ({' + '.join(sig['subsets'])}, {sig['sentences']} sentences)"
+    return f"{scope} ({subsets.get(scope, scope)}, {sig['sentences']} sentences)"
+
+
+def _conclusion(over):
+    if not over["significant"]:
+        return "no significant difference (the 95% interval includes 0)"
+    return f"{'EL' if over['delta'] > 0 else 'CE'} better (the 95% interval excludes 0)"
+
+
+def _few_seeds_note(k):
+    return (f"The interval over seeds rests on few seeds ({k}): with fewer than {FEW_SEEDS} the seed level of the "
+            f"bootstrap has few distinct draws, so read it as a rough guide.")
+
+
+def _paired_rows(kind, sig):
+    rows = []
+    for seed, b in sig["per_seed"].items():
+        rows.append(f"| {KIND_LABELS[kind]} | seed {seed} (given the models) | {b['ce']['score']:.2f} "
+                    f"{_ci(b['ce']['ci95'], '')} | {b['el']['score']:.2f} "
+                    f"{_ci(b['el']['ci95'], '')} | {b['delta']:+.2f} {_ci(b['delta_ci95'])} | "
+                    f"{b['p_value']:.4f} | {b['p_value_ar']:.4f} | {_verdict(b)} |")
+    o = sig["over_seeds"]
+    rows.append(f"| {KIND_LABELS[kind]} | **over {_seeds(sig['per_seed'])}** (two-level) | | | "
+                f"**{o['delta']:+.2f} {_ci(o['delta_ci95'])}** | {o['p_value']:.4f} | | **{_verdict(o)}** |")
+    return rows
+
+
+def _paired_section(scope, sig_by_kind, subsets):
+    present = {kind: sig_by_kind[kind][scope] for kind in KINDS if scope in sig_by_kind.get(kind, {})}
+    if not present:
+        return []
+    first = next(iter(present.values()))
+    lines = ["", f"Paired tests on {_scope_name(scope, first, subsets)}, sacreBLEU (`{first['signature']}`); "
+             "scores with their 95% interval, two-sided p-values:", "",
+             "| checkpoint | seeds | CE | EL | Δ [95% CI] | p (bootstrap) | p (AR) | significant |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for kind, sig in present.items():
+        lines += _paired_rows(kind, sig)
+        for seed, why in sig["seeds_left_out"].items():
+            notes.append(f"{KIND_LABELS[kind]}: seed {seed} left out ({why}).")
+    if len(first["per_seed"]) < FEW_SEEDS:
+        notes.append(_few_seeds_note(len(first["per_seed"])))
+    return lines + ([""] + notes if notes else [])
+
+
+def _throughput_lines(prov):
+    timed = {run: r for run, r in prov.items() if r.get("wall_s")}
+    if not timed:
+        return []
+    lines = ["## Time per run", "", "| run | epochs | wall time | training tokens/s |", "|---|---|---|---|"]
+    for run, r in timed.items():
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        lines.append(f"| {run} | {r.get('epochs')} | {r['wall_s'] / 60:.1f} min | {tps} |")
+    pairs = throughput_pairs(prov)
+    if pairs:
+        lines += ["", "Training throughput EL / CE per seed pair (the same seed's runs). Side by side: their "
+                  "wall-clock intervals (provenance start to DONE) overlap, so both ran under the same load; "
+                  "a pair trained at different times may have run under different loads, and its ratio "
+                  "measures the load as much as the loss.", "",
+                  "| seed | CE tokens/s | EL tokens/s | EL / CE | trained side by side |", "|---|---|---|---|---|"]
+        for seed, p in pairs.items():
+            side = {True: "yes", False: "no", None: "unknown (no start/end time)"}[p["side_by_side"]]
+            lines.append(f"| {seed} | {p['ce']:,.0f} | {p['el']:,.0f} | {p['ratio']:.3f} | {side} |")
+        like = [p["ratio"] for p in pairs.values() if p["side_by_side"]]
+        if like:
+            lines += ["", f"Side-by-side pairs: EL / CE {statistics.fmean(like):.3f} "
+                      f"(mean over {len(like)} pair{'s' if len(like) > 1 else ''})."]
+    return lines + [""]
+
+
+def render_markdown(task, table, sig, margins, subsets, prov, pngs, pair, from_hypotheses=None):
+    lines = [f"# CE vs EL: {task} ({pair})", "",
+             f"Generated by `python -m el_fairseq.pipeline.report` on {datetime.date.today().isoformat()}"
+             + (f" from the hypotheses in `{from_hypotheses}`" if from_hypotheses else "") + ". "
+             "Mean ± sample standard deviation over seeds; Δ = EL − CE over the seeds evaluated for both. "
+             "A Δ smaller than the seeds' standard deviations is not a result.", ""]
     machine = _machine_line(prov)
     if machine:
         lines += [machine, ""]
     lines += ["Criterion flags: CE `" + " ".join(LOSS_FLAGS["ce"]) + "`; EL `" + " ".join(LOSS_FLAGS["el"]) + "`.",
               "Full fairseq-train commands per run: results.json (`runs`).", ""]
+    any_sig = next((s for by_scope in sig.values() for s in by_scope.values()), None)
+    if any_sig:
+        lines += [
+            "Statistics. Every interval is the 95% percentile interval of a paired bootstrap with "
+            f"{any_sig['samples']} resamples of sacreBLEU's corpus BLEU (from per-sentence statistics, as "
+            "sacreBLEU computes it); CE and EL of a seed are always scored on the same resampled sentences, "
+            f"drawn by the report's own generator (seed {any_sig['rng_seed']}, independent of SACREBLEU_SEED). "
+            "All p-values are two-sided: bootstrap p = 2·min(P(Δ* ≤ 0), P(Δ* ≥ 0)) with the +1 correction; "
+            f"approximate randomisation ({any_sig['trials']} trials, sentences swapped between CE and EL) "
+            "p = P(|Δ_perm| ≥ |Δ|), +1 corrected. **Significant** means the 95% interval excludes 0, nothing "
+            "else. A *seed* row resamples sentences only: it is conditional on the two trained models and "
+            "ignores the variance between trainings. The *over seeds* row is a two-level bootstrap (seeds "
+            "with replacement, then the sentences of each drawn seed): the interval that speaks about the "
+            "training method.", ""]
+        lines += ["## Summary", "", "| checkpoint | test sets | seeds | Δ [95% CI] over seeds | p (two-sided) | "
+                  "conclusion |", "|---|---|---|---|---|---|"]
+        for kind in KINDS:
+            for scope, s in sig.get(kind, {}).items():
+                o = s["over_seeds"]
+                lines.append(f"| {KIND_LABELS[kind]} | {'all: ' + ' + '.join(s['subsets']) if scope == ALL else scope}"
+                             f" | {o['seeds']} | {o['delta']:+.2f} {_ci(o['delta_ci95'])} | {o['p_value']:.4f} | "
+                             f"{_conclusion(o)} |")
+        k = min(s["over_seeds"]["seeds"] for by_scope in sig.values() for s in by_scope.values())
+        if k < FEW_SEEDS:
+            lines += ["", _few_seeds_note(k)]
+        lines += ["", f"The hypotheses sacreBLEU scored: `{HYPOTHESES}/{{ce,el}}_seed{{N}}_{{avg,best}}_{{subset}}.txt` "
+                  f"(line i = sentence i of the subset; `{HYPOTHESES}/{MANIFEST}` holds each evaluation). "
+                  f"`python -m el_fairseq.pipeline.report OUT --from-hypotheses OUT/{HYPOTHESES} --data DATA_BIN` "
+                  "re-makes every statistic from them; `sacrebleu DATA_BIN/test.raw.en -i "
+                  f"{HYPOTHESES}/el_seed1_avg_test.txt` (with `-lc` for case:lc) rescores one.", ""]
     for subset, name in subsets.items():
         lines += [f"## {subset}: {name}", "", "| checkpoint | metric | CE | EL | Δ |", "|---|---|---|---|---|"]
-        signature = None
         for kind in KINDS:
             for metric in METRICS:
                 entry = table.get(f"{subset}/{kind}/{metric}")
-                if not entry:
+                if not entry or not (entry["ce"]["n"] or entry["el"]["n"]):
                     continue
-                delta = f"{entry['delta']:+.2f}" if "delta" in entry else "-"
-                label = "average of last epochs" if kind == "avg" else "checkpoint_best"
                 metric_name = "tokenized BLEU (fairseq)" if metric == "tokenized_bleu" else "sacreBLEU"
-                lines.append(f"| {label} | {metric_name} | {_fmt(entry['ce'])} | {_fmt(entry['el'])} | {delta} |")
-        sig = significance.get(subset)
-        if sig:
-            signature = sig["signature"]
-            lines += ["", f"Paired tests, averaged checkpoints, sacreBLEU (`{signature}`): bootstrap with "
-                      f"{sig['samples']} resamples (each system's mean ± 95% interval, Δ with its 95% interval, "
-                      f"p-value) and approximate randomisation ({sig['trials']} trials, p-value).", "",
-                      "| seed | CE | EL | Δ [95% CI] | p (bootstrap) | p (AR) |", "|---|---|---|---|---|---|"]
-            for seed, b in sig["per_seed"].items():
-                lines.append(f"| {seed} | {b['ce']['mean']:.2f} ± {b['ce']['ci']:.2f} | "
-                             f"{b['el']['mean']:.2f} ± {b['el']['ci']:.2f} | {b['delta']:+.2f} "
-                             f"[{b['delta_ci95'][0]:+.2f}, {b['delta_ci95'][1]:+.2f}] | {b['p_value_bootstrap']:.4f} | "
-                             f"{b['p_value_ar']:.4f} |")
-            p = sig["pooled"]
-            lines.append(f"| pooled ({p['seeds']} seed{'s' if p['seeds'] > 1 else ''}) | | | {p['delta']:+.2f} "
-                         f"[{p['delta_ci95'][0]:+.2f}, {p['delta_ci95'][1]:+.2f}] | | |")
+                lines.append(f"| {KIND_LABELS[kind]} | {metric_name} | {_fmt(entry['ce'])} | {_fmt(entry['el'])} | "
+                             f"{_delta_cell(entry)} |")
+        lines += _paired_section(subset, sig, subsets)
         lines.append("")
+    if any(ALL in by_scope for by_scope in sig.values()):
+        lines += ["## All test sets together", "",
+                  "The sentences of every test set concatenated per seed, in the same paired tests."]
+        lines += _paired_section(ALL, sig, subsets) + [""]
     paper = paper_bleu(task)
     if paper:
         lines += [f"The paper (Zhao et al., arXiv 2110.06537, 5 seeds, tokenized BLEU): CE {paper['ce']:.2f}, "
@@ -302,19 +591,7 @@ def render_markdown(task, table, significance, margins, subsets, prov, pngs):
             ce, el = entry["ce"]["per_seed"].get(seed), entry["el"]["per_seed"].get(seed)
             lines.append(f"| {seed} | {'-' if ce is None else f'{ce:.2f}'} | {'-' if el is None else f'{el:.2f}'} |")
         lines.append("")
-    timed = {run: r for run, r in prov.items() if r.get("wall_s")}
-    if timed:
-        lines += ["## Time per run", "", "| run | epochs | wall time | training tokens/s |", "|---|---|---|---|"]
-        for run, r in timed.items():
-            tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
-            lines.append(f"| {run} | {r.get('epochs')} | {r['wall_s'] / 60:.1f} min | {tps} |")
-        speed = {loss: [r["tokens_per_s"] for run, r in timed.items() if run.startswith(loss) and r.get("tokens_per_s")]
-                 for loss in ("ce", "el")}
-        if speed["ce"] and speed["el"]:
-            lines += ["", f"Training throughput EL / CE: {statistics.fmean(speed['el']) / statistics.fmean(speed['ce']):.3f} "
-                      f"(mean tokens/s over runs: CE {statistics.fmean(speed['ce']):,.0f}, "
-                      f"EL {statistics.fmean(speed['el']):,.0f})."]
-        lines.append("")
+    lines += _throughput_lines(prov)
     if margins:
         lines += [f"## Margins and energy (teacher-forced, {margins['subset']}, averaged checkpoints of the first seed)",
                   "", "| model | tokens | mean margin | median margin | mean energy | mean p_y | p_y > 0.5 |",
@@ -328,31 +605,54 @@ def render_markdown(task, table, significance, margins, subsets, prov, pngs):
     return "\n".join(lines) + "\n"
 
 
-def report(out, task, data=None, margins=True, cpu=False):
-    runs = collect(out)
+def _earlier(out):
+    """OUT/results.json of an earlier report, or {}."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def report(out, task, data=None, margins=True, cpu=False, from_hypotheses=None,
+           samples=significance.BOOTSTRAP_SAMPLES, trials=significance.AR_TRIALS):
+    runs = {} if from_hypotheses else collect(out)
+    if not runs and not from_hypotheses and os.path.exists(os.path.join(out, HYPOTHESES, MANIFEST)):
+        from_hypotheses = os.path.join(out, HYPOTHESES)
+    if from_hypotheses:
+        runs = collect_hypotheses(from_hypotheses, data)
     if not runs:
-        raise FileNotFoundError(f"{out}: no evaluated runs ({{ce,el}}_seed*/eval_*/result.json)")
+        raise FileNotFoundError(f"{out}: no evaluated runs ({{ce,el}}_seed*/eval_*/result.json) and no "
+                                f"{HYPOTHESES}/{MANIFEST}")
     subsets = subsets_of(runs)
     table = aggregate(runs)
-    significance = paired_significance(runs)
-    curves = valid_curves(out)
-    prov = run_provenance(out)
-    pngs = plot(table, curves, out, next(iter(subsets)))
-    margin_result = None
-    seeds = sorted(set(runs.get("ce", {})) & set(runs.get("el", {})))
+    sig = paired_significance(runs, samples=samples, trials=trials)
+    pair = language_pair(runs, task)
     first = next(iter(subsets))
-    if margins and data and seeds:
+    if from_hypotheses:  # what needs the runs themselves comes from the earlier report, if any
+        earlier = _earlier(out)
+        prov, curves, margin_result = (earlier.get("runs") or {}), (earlier.get("valid_curves") or {}), earlier.get("margins")
+    else:
+        prov, curves, margin_result = run_provenance(out), valid_curves(out), None
+    pngs = plot(table, sig, curves, out, first, subsets, pair if pair == task else f"{pair} ({task})")
+    seeds = sorted(set(runs.get("ce", {})) & set(runs.get("el", {})))
+    if margins and data and seeds and not from_hypotheses:
         from .analysis import analyze
 
         ckpts = [(runs[loss][seeds[0]][("avg", first)]["checkpoint"], loss.upper()) for loss in ("ce", "el")
                  if ("avg", first) in runs[loss][seeds[0]]]
         margin_result, margin_pngs = analyze(ckpts, data, first, out, cpu=cpu)
         pngs += margin_pngs
-    results = {"task": task, "subsets": subsets, "table": table, "paired_significance": significance,
+    elif margin_result:
+        pngs += [p for p in (os.path.join(out, f"{n}_hist.png") for n in ("margin", "energy", "p_y")) if os.path.exists(p)]
+    keep_hypotheses(runs, out)
+    results = {"task": task, "pair": pair, "subsets": subsets, "table": table, "paired_significance": sig,
                "paper": paper_bleu(task), "criterion_flags": {k: quote(v) for k, v in LOSS_FLAGS.items()},
-               "runs": prov, "valid_curves": curves, "margins": margin_result}
+               "runs": prov, "throughput_pairs": throughput_pairs(prov), "valid_curves": curves,
+               "margins": margin_result, "from_hypotheses": from_hypotheses}
     for name, text in (("results.json", json.dumps(results, indent=1) + "\n"),
-                       ("RESULTS.md", render_markdown(task, table, significance, margin_result, subsets, prov, pngs))):
+                       ("RESULTS.md", render_markdown(task, table, sig, margin_result, subsets, prov, pngs, pair,
+                                                      from_hypotheses))):
         path = os.path.join(out, name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)
@@ -364,18 +664,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
     parser.add_argument("--task", default="custom")
-    parser.add_argument("--data", help="data-bin, for the margin/energy comparison")
+    parser.add_argument("--data", help="data-bin: for the margin/energy comparison, and the raw references "
+                                       "with --from-hypotheses")
+    parser.add_argument("--from-hypotheses", metavar="DIR",
+                        help="re-make the statistics from a hypotheses folder (OUT/hypotheses of a report)")
     parser.add_argument("--no-margins", action="store_true")
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args(argv)
+    # fairseq's imports turn the root logger to DEBUG; matplotlib would then print its font search
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        results = report(args.out, args.task, args.data, not args.no_margins, args.cpu)
-    except FileNotFoundError as err:
-        parser.error(str(err))
+        results = report(args.out, args.task, args.data, not args.no_margins, args.cpu, args.from_hypotheses)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"report: error: {err}")
     for subset, name in results["subsets"].items():
         avg = results["table"][f"{subset}/avg/tokenized_bleu"]
-        print(f"{subset} ({name}): CE {_fmt(avg['ce'])}  EL {_fmt(avg['el'])}  "
-              f"delta {avg.get('delta', float('nan')):+.2f}")
+        delta = f"{avg['delta']:+.2f}" if "delta" in avg else "-"
+        print(f"{subset} ({name}): CE {_fmt(avg['ce'])}  EL {_fmt(avg['el'])}  delta {delta}")
+    for kind, by_scope in results["paired_significance"].items():
+        for scope, s in by_scope.items():
+            o = s["over_seeds"]
+            print(f"{kind} {scope}: sacreBLEU delta over {o['seeds']} seeds {o['delta']:+.2f} {_ci(o['delta_ci95'])}, "
+                  f"p {o['p_value']:.4f} (two-sided): {_conclusion(o)}")
     print(f"-> {os.path.join(args.out, 'RESULTS.md')}")
 
 
