@@ -225,3 +225,69 @@ def test_unbatched_input_as_torch(reduction):
         ours = encouraging_loss(z, tgt, w, reduction=reduction, label_smoothing=0.1, bonus_rho=0.0)
         theirs = F.cross_entropy(z, tgt, w, reduction=reduction, label_smoothing=0.1)
         assert ours.shape == theirs.shape == () and torch.allclose(ours, theirs, rtol=1e-6)
+
+
+# The fused linear head (encouraging_linear_loss) takes the same weight= and probability targets.
+def linear_problem(shape=(5, 7), d=6, v=CLASSES, seed=20):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64)
+    b = torch.randn(v, generator=g, dtype=torch.float64)
+    target = torch.randint(0, v, shape, generator=g).masked_fill(torch.rand(shape, generator=g) < 0.2, -100)
+    return x, w, b, target
+
+
+def linear_grads(fn, x, w, b, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, w, b)]
+    out = fn(*leaves)
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return out.detach(), torch.autograd.grad((out.double() * r).sum(), leaves)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"] + FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, bonus_label_smoothing=0.2, log_end=0.5),
+                                     dict(bonus_rho=0.0, label_smoothing=0.2)], ids=str)
+@pytest.mark.parametrize("target_kind", ["weighted", "probabilities"])
+def test_linear_loss_takes_weight_and_probabilities(impl, reduction, options, target_kind):
+    from el_fairseq import encouraging_linear_loss
+
+    x, w, b, target = linear_problem()
+    cw = class_weight(seed=5)
+    if target_kind == "probabilities":
+        target = torch.softmax(torch.randn(*target.shape, CLASSES, generator=torch.Generator().manual_seed(4)) * 2, -1)
+        target = target.double()
+    smoothed = options.get("label_smoothing", 0) or options.get("bonus_label_smoothing", 0)
+    kwargs = dict(weight=cw, reduction=reduction, impl=impl, **options)
+    if impl in FUSED and (smoothed or target_kind == "probabilities"):
+        with pytest.raises(ValueError, match=f"impl '{impl}' does not take .*: allowed impl='auto' or impl='reference'"):
+            encouraging_linear_loss(x.float(), w.float(), target, linear_bias=b.float(), **kwargs)
+        return
+    dtype = torch.float64 if impl == "reference" else torch.float32
+    ours = linear_grads(lambda x, w, b: encouraging_linear_loss(x, w, target.to(dtype) if target.is_floating_point()
+                                                                else target, linear_bias=b, chunk_size=8, **kwargs),
+                        x, w, b, dtype)
+    logits = lambda x, w, b: F.linear(x, w, b).movedim(-1, 1)  # noqa: E731  (torch's class dimension 1)
+    ref = linear_grads(lambda x, w, b: torch_el_loss64(logits(x, w, b), target.movedim(-1, 1) if target_kind ==
+                                                       "probabilities" else target, cw, **_ref_options(
+                                                           {**options, "reduction": reduction})), x, w, b,
+                       torch.float64)
+    assert torch.allclose(ours[0].double(), ref[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(ours[1], ref[1]):
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7
+    if options.get("bonus_rho") == 0.0:  # and torch's own loss of the full logits
+        theirs = F.cross_entropy(logits(x, w, b), target.movedim(-1, 1) if target_kind == "probabilities" else target,
+                                 cw, reduction=reduction, label_smoothing=options["label_smoothing"])
+        assert torch.allclose(ours[0].double(), theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_module_weight_is_a_buffer():
+    from el_fairseq import EncouragingLinearLoss
+
+    x, w, b, target = linear_problem(shape=(9,))
+    head = EncouragingLinearLoss(6, CLASSES, weight=class_weight(seed=6).float(), bonus_rho=0.0)
+    with torch.no_grad():
+        head.linear.weight.copy_(w)
+    assert "weight" in head.state_dict()
+    want = F.cross_entropy(F.linear(x.float(), head.linear.weight), target, head.weight)
+    assert torch.allclose(head(x.float(), target), want, rtol=1e-5)
