@@ -114,8 +114,10 @@ def approximate_randomization(metric, ce, el, trials=AR_TRIALS, generator=None, 
     ce_total, el_total, diff = ce.sum(0), el.sum(0), el - ce
     at_least = 0
     for start in range(0, trials, chunk):
-        swap = generator.integers(0, 2, size=(min(chunk, trials - start), len(ce)), dtype=np.int64)
-        moved = swap @ diff  # what the swapped sentences move from EL's sums to CE's
+        swap = generator.integers(0, 2, size=(min(chunk, trials - start), len(ce)))
+        # what the swapped sentences move from EL's sums to CE's: counts, exact in float64 (< 2**53),
+        # through a BLAS product
+        moved = np.rint(swap.astype(np.float64) @ diff.astype(np.float64)).astype(np.int64)
         perm = np.abs(corpus_bleu(metric, el_total - moved) - corpus_bleu(metric, ce_total + moved))
         # a tolerance so that an exact tie in float arithmetic counts as a tie
         at_least += int(np.sum(perm >= observed - 1e-9))
