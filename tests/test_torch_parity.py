@@ -291,3 +291,19 @@ def test_linear_module_weight_is_a_buffer():
     assert "weight" in head.state_dict()
     want = F.cross_entropy(F.linear(x.float(), head.linear.weight), target, head.weight)
     assert torch.allclose(head(x.float(), target), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_loss_double_backward_refused_or_on_reference(reduction, weighted):
+    from el_fairseq import encouraging_linear_loss
+
+    x, w, b, target = linear_problem(shape=(4,), v=5)
+    cw = class_weight(5, seed=7) if weighted else None
+    kwargs = dict(linear_bias=b, weight=cw, reduction=reduction, label_smoothing=0.1 if weighted else 0.0)
+    fn = lambda x: encouraging_linear_loss(x, w, target, impl="reference", **kwargs)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x.clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
+    z = x.float().requires_grad_(True)
+    out = encouraging_linear_loss(z, w.float(), target, **{**kwargs, "linear_bias": b.float()})
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) needs impl='reference'"):
+        torch.autograd.grad(out.sum(), z, create_graph=True)

@@ -10,6 +10,14 @@ autograd) instead of returning a wrong gradient.
 import torch
 
 
+def refuse_double_backward(what):
+    """Call first in a fused backward: its gradient is not a function of the inputs that autograd can
+    differentiate again, so create_graph=True (autograd runs backward in grad mode only then) raises."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"el_fairseq: {what} are once differentiable; double backward (create_graph=True) "
+                           f"needs impl='reference'")
+
+
 class FusedEncouragingLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, epsilon, spec, ignore_index, kernel):
@@ -21,9 +29,7 @@ class FusedEncouragingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nll, grad_stats):
-        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
-            raise RuntimeError("el_fairseq: the fused loss paths (chunked, native, triton) are once differentiable; "
-                               "double backward (create_graph=True) needs impl='reference'")
+        refuse_double_backward("the fused loss paths (chunked, native, triton)")
         if getattr(ctx, "used", False):  # the kept gradient has been scaled in place already
             raise RuntimeError("el_fairseq: the fused loss paths (chunked, native, triton) backpropagate once; a "
                                "second backward through the same graph (retain_graph, gradcheck) needs impl='reference'")

@@ -35,6 +35,7 @@ from .api import _check_weight, _loss as _logits_loss, _unfused, check_options, 
 from .bonus import BonusSpec
 from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
+from .fused import refuse_double_backward
 from .reference import class_weighted_loss
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -121,8 +122,8 @@ class _SummedLinearLoss(torch.autograd.Function):
         return loss.sum(), nll, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_nll, grad_stats):
+        refuse_double_backward("encouraging_linear_loss's fused chunks")
         if ctx.used:
             raise RuntimeError("el_fairseq: encouraging_linear_loss keeps its gradients from the forward and "
                                "scales them in place, so it allows one backward per forward: compute the loss again")
@@ -146,8 +147,8 @@ class _PerTokenLinearLoss(torch.autograd.Function):
         return loss, nll, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_nll, grad_stats):
+        refuse_double_backward("encouraging_linear_loss's fused chunks")
         x, w, b, target = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         _, _, _, grads = _chunk_pass(x, w, b, target, *ctx.options, needs, row_scale=grad_loss)
