@@ -21,6 +21,7 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.loss_benchmark
+	$(PY) -m benchmarks.linear_benchmark
 
 # On a machine with a CUDA GPU: its own CUDA torch (a venv that sees the system's packages; install.sh keeps
 # an importable torch), then CUDA tests, the loss benchmark on the GPU and a short fp16 CE/EL training.

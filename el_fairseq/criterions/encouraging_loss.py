@@ -210,7 +210,7 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
             loss, nll = encouraging_nll_loss(lprobs, target, self.eps, spec, self.padding_idx, reduce)
             return loss, nll, {}
         out = encouraging_loss(logits, target, self.eps, spec, ignore_index=self.padding_idx, reduce=False,
-                               impl=self.el_impl, with_stats=self.log_diagnostics)
+                               impl=self.el_impl, with_stats=self.log_diagnostics, check_spec=self.spec)
         loss, nll = out[:2]
         extra = summarize(out[2], nll, target, self.padding_idx) if self.log_diagnostics else {}
         if reduce:
@@ -252,7 +252,7 @@ def _output_projection(model):
                                          "uses adaptive softmax (drop one of the two)")
     if not isinstance(projection, torch.nn.Linear):
         raise EncouragingLossOptionError(f"--el-fused-projection needs a decoder with a plain output projection "
-                                         f"(decoder.output_projection, an nn.Linear): {type(decoder).__name__} has none")
+                                         f"(decoder.output_projection, nn.Linear): {type(decoder).__name__} has none")
     return projection
 
 

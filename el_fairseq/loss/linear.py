@@ -101,6 +101,7 @@ def _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, need
             grad_w.addmm_(g.t(), x_c)
         if grad_b is not None:
             grad_b.add_(g.sum(0))
+        del g  # before the next chunk's logits: two (chunk, V) buffers at a time, not three
     return loss, nll, stats, ([grad_x, grad_w, grad_b] if want else [None, None, None])
 
 
