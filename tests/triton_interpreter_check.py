@@ -86,6 +86,23 @@ for fault in ("raises", "wrong"):
     assert len(messages) == 1 and "the triton kernel failed its self-check" in messages[0], messages
     assert ("CompilationError" if fault == "raises" else "gradient off by") in messages[0], messages
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+# a wrong bonus path under a bonus schedule (rho 0 at update 0): caught with the configured rho
+self_check.reset()
+dispatch._warned.clear()
+
+
+def wrong_bonus(logits, target, epsilon, spec, *args, **kwargs):
+    loss, nll, stats, grad = real_forward(logits, target, epsilon, spec, *args, **kwargs)
+    return loss, nll, stats, grad * 1.5 if spec.active and grad is not None else grad
+
+
+triton_kernel.forward = wrong_bonus
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    z = logits.clone().requires_grad_(True)
+    encouraging_loss(z, target, 0.1, BonusSpec(rho=0.0), ignore_index=1, impl="triton", check_spec=BonusSpec(rho=0.7))
+messages = [str(w.message) for w in caught if "self-check" in str(w.message)]
+assert len(messages) == 1 and "gradient off by" in messages[0] and "at rho 0.7" in messages[0], messages
 triton_kernel.forward = real_forward
 # fp16: the gradient is kept in float32 and rounded once after the loss scale (<= 2 fp16 ulps)
 from test_loss import fp16_ulps  # noqa: E402

@@ -63,12 +63,14 @@ def path_for(logits, impl):
     return impl
 
 
-def checked_path(logits, impl, epsilon, spec, ignore_index):
-    """path_for, then the first-use self-check of a compiled kernel (chunked if it fails). The
-    fused linear loss (linear.py) selects its per-chunk kernel here too."""
+def checked_path(logits, impl, epsilon, spec, ignore_index, check_spec=None):
+    """path_for, then the first-use self-check of a compiled kernel (chunked if it fails), with `spec`
+    and `check_spec`: the options of the whole run where they differ from this call's (a bonus
+    schedule starts at rho = 0; self_check.verify). The fused linear loss (linear.py) selects its
+    per-chunk kernel here too."""
     impl = path_for(logits, resolve_impl(impl))
     if impl in ("native", "triton"):
-        ok, reason = self_check.verify(impl, KERNELS[impl](), logits, epsilon, spec, ignore_index)
+        ok, reason = self_check.verify(impl, KERNELS[impl](), logits, epsilon, spec, ignore_index, check_spec)
         if not ok:
             _warn_once((impl, "self-check", logits.dtype), f"el_fairseq: the {impl} kernel failed its self-check on "
                        f"{logits.dtype} {logits.device.type} logits ({reason}); using chunked for this process")
@@ -90,13 +92,14 @@ def _check_inputs(logits, target, epsilon):
 
 
 def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None, reduce=True,
-                     impl="auto", with_stats=False):
+                     impl="auto", with_stats=False, check_spec=None):
     """(loss, nll_loss[, stats]) from logits (..., V) and target (...); sums when reduce.
 
     stats: per-token (N, 2) float32 [z_y, margin z_y - max_{j != y} z_j], zeros at padding.
+    check_spec: the run's configured options, for the first-use self-check (checked_path).
     """
     _check_inputs(logits, target, epsilon)
-    impl = checked_path(logits, impl, epsilon, spec, ignore_index)
+    impl = checked_path(logits, impl, epsilon, spec, ignore_index, check_spec)
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
     if impl in ("chunked", "native", "triton"):

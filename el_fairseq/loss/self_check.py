@@ -1,12 +1,15 @@
 """A compiled kernel must not silently break training: the first time a process would use the native
 or the Triton kernel for a dtype and device, it runs once on a small batch shaped like the run's
 (its vocabulary, its options, a padded row) and is compared with the chunked torch path, loss and
-gradient. If it raises (does not compile, fails to launch) or disagrees beyond the tolerance, the
+gradient; with the run's configured options too where they differ from the first call's (a bonus
+schedule's rho is 0 at update 0, where the kernels skip the bonus, which later updates use). If it raises (does not compile, fails to launch) or disagrees beyond the tolerance, the
 dispatcher warns once with the reason and uses the chunked path for the rest of the process.
 
 (A kernel that kills the process, e.g. an illegal instruction, cannot be caught here; the native
 build cache is keyed by the CPU's feature flags so that a library is only loaded where it was built.)
 """
+import dataclasses
+
 import torch
 
 from . import chunked
@@ -35,27 +38,45 @@ def _difference(got, want):
     return float((got.float() - want.float()).abs().max() / scale)
 
 
-def verify(impl, kernel, logits, epsilon, spec, ignore_index):
-    """(ok, reason) for `kernel` on this run's vocabulary, dtype, device and options; cached per
-    (impl, dtype, device) for the process."""
+def specs_to_check(spec, check_spec=None):
+    """The options the check runs with: this call's `spec`, and the run's configured `check_spec`
+    where it differs. A bonus schedule starts at rho = 0, where the kernels skip the bonus: without
+    a configured spec, a bonus-free spec is also checked with rho = 1, so that the bonus path a
+    later update takes is checked too."""
+    if check_spec is None and not spec.active:
+        check_spec = dataclasses.replace(spec, rho=1.0)
+    return [spec] if check_spec is None or check_spec == spec else [spec, check_spec]
+
+
+def _compare(kernel, z, t, epsilon, spec, ignore_index, tol):
+    """'' when `kernel` agrees with the chunked path on (z, t) under `spec`, else why not."""
+    got = kernel(z, t, epsilon, spec, ignore_index)
+    want = chunked.forward(z, t, epsilon, spec, ignore_index)
+    if not all(bool(torch.isfinite(g).all()) for g in got):
+        return "non-finite output on the check batch"
+    errors = {name: _difference(g, w) for name, g, w in zip(("loss", "nll", "stats", "gradient"), got, want)}
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    if bad:
+        return ("disagrees with the chunked path: " + ", ".join(f"{k} off by {v:.2g} of its scale" for k, v in
+                                                                bad.items()) + f" (tolerance {tol:g})")
+    return ""
+
+
+def verify(impl, kernel, logits, epsilon, spec, ignore_index, check_spec=None):
+    """(ok, reason) for `kernel` on this run's vocabulary, dtype, device and options (specs_to_check);
+    cached per (impl, dtype, device) for the process."""
     key = (impl, logits.dtype, logits.device.type)
     if key in _results:
         return _results[key]
     z, t = _batch(logits.size(-1), logits.dtype, logits.device, ignore_index)
+    tol = TOLERANCE.get(logits.dtype, 1e-4)
+    result = (True, "")
     try:
-        got = kernel(z, t, epsilon, spec, ignore_index)
-        want = chunked.forward(z, t, epsilon, spec, ignore_index)
-        tol = TOLERANCE.get(logits.dtype, 1e-4)
-        errors = {name: _difference(g, w) for name, g, w in zip(("loss", "nll", "stats", "gradient"), got, want)}
-        finite = all(bool(torch.isfinite(g).all()) for g in got)
-        bad = {k: v for k, v in errors.items() if not v <= tol}
-        if not finite:
-            result = (False, "non-finite output on the check batch")
-        elif bad:
-            result = (False, "disagrees with the chunked path: " +
-                      ", ".join(f"{k} off by {v:.2g} of its scale" for k, v in bad.items()) + f" (tolerance {tol:g})")
-        else:
-            result = (True, "")
+        for options in specs_to_check(spec, check_spec):
+            reason = _compare(kernel, z, t, epsilon, options, ignore_index, tol)
+            if reason:
+                result = (False, reason if options == spec else f"{reason}, at rho {options.rho:g}")
+                break
     except Exception as err:  # noqa: BLE001  (any failure to compile or launch means: do not use it)
         result = (False, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": "))
     _results[key] = result
