@@ -322,3 +322,29 @@ def test_evaluate_names_the_subsets_a_data_folder_has(tmp_path):
     assert proc.returncode == 2 and "usage:" not in proc.stderr and "prepare" not in proc.stderr
     assert proc.stderr.strip() == (f"evaluate: error: --subset 'test1' does not exist in {data}: its test subsets "
                                    "(testsets.json) are test (test_2016_flickr)")
+
+
+def test_evaluate_failures_are_one_line_without_the_usage_block(data_bin, tmp_path):
+    """A checkpoint fairseq-generate cannot load: its failure in one line, exit 1, no argparse usage, no
+    result.json."""
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "evaluate.sh"), str(tmp_path / "broken.pt"),
+                           str(data_bin / "bin"), "--remove-bpe", "", "--detok", "space", "--out", str(tmp_path / "ev"),
+                           "--cpu"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "usage:" not in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate: error: fairseq-generate failed (1): ")
+    assert not (tmp_path / "ev" / "result.json").exists()
+
+
+def test_side_by_side_from_an_earlier_reports_records():
+    """Records without finished (results.json of earlier reports): started + wall time. The published
+    De-En runs: CE 1-2 together, then EL 1-2 together, then CE 3 beside EL 3."""
+    from el_fairseq.pipeline.comparison import throughput_pairs
+
+    runs = {"ce_seed1": (1795617935.30, 2681.0, 1594.1), "ce_seed2": (1795617935.18, 2676.0, 1596.1),
+            "ce_seed3": (1795622538.46, 2030.0, 2103.6), "el_seed1": (1795620625.46, 1904.0, 2243.7),
+            "el_seed2": (1795620621.00, 1915.0, 2229.7), "el_seed3": (1795622544.96, 1869.0, 2284.3)}
+    pairs = throughput_pairs({run: {"started": s, "wall_s": w, "tokens_per_s": tps} for run, (s, w, tps) in runs.items()})
+    assert [pairs[s]["side_by_side"] for s in (1, 2, 3)] == [False, False, True]
+    assert pairs[3]["ratio"] == pytest.approx(2284.3 / 2103.6)

@@ -202,6 +202,15 @@ def run_provenance(out):
     return runs
 
 
+def _interval(run):
+    """(started, finished) of a run's provenance; finished falls back to started + its wall time (the
+    records of reports made before finished was kept)."""
+    started, finished = run.get("started"), run.get("finished")
+    if finished is None and started is not None and run.get("wall_s"):
+        finished = started + run["wall_s"]
+    return started, finished
+
+
 def throughput_pairs(prov):
     """{seed: {ce, el (tokens/s), ratio (EL / CE), side_by_side}} for every seed with both runs timed;
     side by side: the two runs' wall-clock intervals (started to finished) overlap, so both ran under
@@ -212,7 +221,7 @@ def throughput_pairs(prov):
         el = prov.get(f"el_seed{match.group(2)}") if match and match.group(1) == "ce" else None
         if not el or not ce.get("tokens_per_s") or not el.get("tokens_per_s"):
             continue
-        times = [r.get(k) for r in (ce, el) for k in ("started", "finished")]
+        times = [t for r in (ce, el) for t in _interval(r)]
         side = None if None in times else max(times[0], times[2]) < min(times[1], times[3])
         pairs[int(match.group(2))] = {"ce": ce["tokens_per_s"], "el": el["tokens_per_s"],
                                       "ratio": el["tokens_per_s"] / ce["tokens_per_s"], "side_by_side": side}
