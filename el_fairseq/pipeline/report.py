@@ -69,6 +69,7 @@ def per_seed_figure(table, sig, subset, subsets, label):
     seeds = sorted(set(entry["ce"]["per_seed"]) | set(entry["el"]["per_seed"]))
     tested = (sig.get("avg") or {}).get(subset, {}).get("per_seed", {})
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    top = 0.0
     for offset, loss in ((-0.2, "ce"), (0.2, "el")):
         xs, heights, low, high = [], [], [], []
         for i, seed in enumerate(seeds):
@@ -82,14 +83,15 @@ def per_seed_figure(table, sig, subset, subsets, label):
             low.append(max(0.0, heights[-1] - ci[0]) if ci else 0.0)
             high.append(max(0.0, ci[1] - heights[-1]) if ci else 0.0)
         ax.bar(xs, heights, width=0.4, label=loss.upper(), yerr=[low, high], capsize=4)
+        top = max([top] + [h + e for h, e in zip(heights, high)])
     ax.set_xticks(range(len(seeds)))
     ax.set_xticklabels([str(s) for s in seeds])
     ax.set_xlabel("seed")
     ax.set_ylabel("sacreBLEU (averaged checkpoint)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, top * 1.2 or 1.0)  # from 0, with room above the bars for the legend
     ax.set_title(f"{label}: sacreBLEU per seed on {subset} ({subsets.get(subset, subset)})\n"
                  "error bars: 95% paired-bootstrap interval, given the trained model", fontsize=9)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncol=2)
     return fig
 
 
