@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from reference64 import el_loss64
 
-transformers = pytest.importorskip("transformers")
+import transformers  # requirements.txt installs it: these tests run wherever `make test` does, never skipped
 
-from el_fairseq.hf import compute_loss_func, trainer_loss  # noqa: E402
+from el_fairseq.hf import compute_loss_func, trainer_loss
 
 VOCAB, PAD = 37, 0  # an odd vocabulary; id 0 pads
 EL = dict(log_end=0.5, bonus_rho=0.7, bonus_label_smoothing=0.1, label_smoothing=0.1)  # non-default options
@@ -217,9 +217,14 @@ def grads(model):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize("options", [EL, dict(bonus_rho=0.0)], ids=["EL", "CE"])
+@pytest.mark.parametrize("options", [EL, dict(bonus_rho=0.0), dict(EL, weight="random", chunk_size=5)],
+                         ids=["EL", "CE", "EL-weighted-chunks"])
 def test_fused_equals_the_logits_path_in_loss_and_gradients(name, options):
     from el_fairseq.hf import fuse_encouraging_loss
+
+    if options.get("weight") == "random":  # a class weight, and chunks that do not divide the 54 token rows
+        options = dict(options, weight=torch.rand(VOCAB, generator=torch.Generator().manual_seed(7)) + 0.5)
+    logits_options = {k: v for k, v in options.items() if k != "chunk_size"}
 
     build, _ = MODELS[name]
     torch.manual_seed(3)
@@ -227,7 +232,8 @@ def test_fused_equals_the_logits_path_in_loss_and_gradients(name, options):
     fused = fuse_encouraging_loss(copy.deepcopy(logits_model), **options)
     inputs, labels = batch("causal", n=6, seed=5)
     n = torch.tensor(41)
-    reference = compute_loss_func(causal_lm=True, **options)(logits_model(**inputs), labels, num_items_in_batch=n)
+    reference = compute_loss_func(causal_lm=True, **logits_options)(logits_model(**inputs), labels,
+                                                                    num_items_in_batch=n)
     reference.backward()
     out = fused(**inputs, labels=labels, num_items_in_batch=n)
     assert out.logits is None  # training: no logits
@@ -237,7 +243,7 @@ def test_fused_equals_the_logits_path_in_loss_and_gradients(name, options):
     assert set(got) == set(expected) and len(got) == len(dict(fused.named_parameters()))
     for k in expected:
         assert torch.allclose(got[k], expected[k], atol=1e-6, rtol=1e-5), k
-    if options["bonus_rho"] == 0.0:  # and with the bonus off, the model's own loss
+    if options.get("bonus_rho") == 0.0:  # and with the bonus off, the model's own loss
         own = logits_model(**inputs, labels=labels, num_items_in_batch=n).loss
         assert torch.allclose(out.loss, own, atol=1e-6, rtol=1e-6)
 
@@ -245,8 +251,11 @@ def test_fused_equals_the_logits_path_in_loss_and_gradients(name, options):
 def test_fused_options_are_those_of_the_linear_loss():
     from el_fairseq.hf import fuse_encouraging_loss
 
-    with pytest.raises(ValueError, match="'weight' is not an option of encouraging_linear_loss"):
-        fuse_encouraging_loss(llama(), weight=torch.ones(VOCAB))
+    fuse_encouraging_loss(llama(), chunk_size=7)  # the projection's own option
+    with pytest.raises(ValueError, match="'chunk_size' is not an option of encouraging_loss"):
+        compute_loss_func(chunk_size=7)
+    with pytest.raises(ValueError, match="'chunk_sizes' is not an option of encouraging_linear_loss"):
+        fuse_encouraging_loss(llama(), chunk_sizes=7)
     with pytest.raises(ValueError, match="log_end"):
         fuse_encouraging_loss(llama(), log_end=0.0)
 

@@ -11,8 +11,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("transformers")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "hf_multi30k.py")
 TINY = os.path.join(ROOT, "tests", "data", "multi30k-tiny")

@@ -67,7 +67,7 @@ def refusal(model):
 def fuse_encouraging_loss(model, **el_options):
     """Make `model` (a transformers causal LM) return the encouraging loss without logits in training;
     returns the model. el_options: any option of `el_fairseq.encouraging_linear_loss` (those of
-    encouraging_loss but a class weight, and chunk_size), checked now."""
+    encouraging_loss, and chunk_size), checked now."""
     check_el_options(el_options, encouraging_linear_loss,
                      (torch.zeros(1, 2), torch.zeros(2, 2), torch.zeros(1, dtype=torch.long)))
     reason = refusal(model)
