@@ -310,3 +310,12 @@ def test_fused_refuses_models_whose_logits_are_not_a_plain_projection(name, buil
     with pytest.raises(ValueError) as err:
         fuse_encouraging_loss(build())
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_only_el_fairseq_hf_imports_el_fairseq_hf():
+    """The integration sits above the loss: no other module of el_fairseq imports it (function bodies too)."""
+    from test_layout import GRAPH
+
+    importers = {m for m, deps in GRAPH.items() if not m.startswith("el_fairseq.hf")
+                 and any(d.startswith("el_fairseq.hf") for d in deps)}
+    assert "el_fairseq.hf.fused" in GRAPH and importers == set()
