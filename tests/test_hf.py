@@ -265,7 +265,7 @@ def test_fused_model_in_eval_mode_and_without_labels_keeps_its_logits():
 
     torch.manual_seed(4)
     plain = llama().eval()
-    fused = fuse_encouraging_loss(copy.deepcopy(plain), **EL).eval()
+    fused = fuse_encouraging_loss(copy.deepcopy(plain), chunk_size=4, **EL).eval()
     inputs, labels = batch("causal", n=3, seed=6)
     with torch.no_grad():
         logits = plain(**inputs).logits

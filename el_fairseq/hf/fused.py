@@ -88,10 +88,12 @@ def fuse_encouraging_loss(model, **el_options):
 
 def _fused_forward(self, *args, **kwargs):
     own_forward = type(self).forward
-    call = inspect.signature(own_forward).bind(self, *args, **kwargs).arguments
-    call.pop("self")
-    extra = call.pop("kwargs", {})  # the model's **kwargs, passed on by name like the rest
-    call = {**call, **extra}
+    signature = inspect.signature(own_forward)
+    call = signature.bind(self, *args, **kwargs).arguments
+    call.pop(next(iter(signature.parameters)))  # self
+    for p in signature.parameters.values():  # the model's **kwargs, passed on by name like the rest
+        if p.kind is p.VAR_KEYWORD:
+            call.update(call.pop(p.name, {}))
     labels, shifted = call.pop("labels", None), call.pop("shift_labels", None)
     if labels is None and shifted is None:
         return own_forward(self, **call)
@@ -100,7 +102,8 @@ def _fused_forward(self, *args, **kwargs):
     target = shift_labels(labels) if shifted is None else shifted
     if not self.training:  # evaluation: the logits, and the same loss from them
         outputs = own_forward(self, **call)
-        outputs["loss"] = trainer_loss(outputs["logits"], target, num_items_in_batch, **self.el_options)
+        options = {k: v for k, v in self.el_options.items() if k != "chunk_size"}  # the projection's only
+        outputs["loss"] = trainer_loss(outputs["logits"], target, num_items_in_batch, **options)
         return outputs
     base = self.base_model(**call)
     hidden = base[0]
