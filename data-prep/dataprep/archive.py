@@ -1,15 +1,18 @@
 """Official IWSLT archives: fetch, open, read members (lines split as perl reads them)."""
+import gzip
 import os
 import shutil
 import tarfile
 import urllib.request
+import zlib
 
-from .common import PrepError, log, sha256
+from .common import PrepError, decode_utf8, log, sha256
 from .text import split_lines
 
 
-def fetch(urls, dest):
-    """Download the first URL that answers to dest (via a temporary name)."""
+def fetch(urls, dest, offline_hint="pass --archive PATH"):
+    """Download the first URL that answers to dest (via a temporary name); when none answers, the
+    error ends with `offline_hint` (the option that gives a local copy instead)."""
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -23,7 +26,9 @@ def fetch(urls, dest):
             return dest
         except OSError as err:
             errors.append(f"{url}: {err}")
-    raise PrepError("could not download the archive (" + "; ".join(errors) + "); pass --archive PATH")
+            if os.path.exists(dest + ".tmp"):
+                os.remove(dest + ".tmp")
+    raise PrepError(f"could not download {os.path.basename(dest)} (" + "; ".join(errors) + f"); {offline_hint}")
 
 
 def open_archive(path):
@@ -35,10 +40,30 @@ def open_archive(path):
     try:
         tar = tarfile.open(path, "r:*")
         names = tar.getnames()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        reason = (str(err).splitlines() or ["unreadable"])[0]
-        raise PrepError(f"corrupt or unreadable archive {path}: {reason}") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise PrepError(f"corrupt or unreadable archive {path}: {why_not_a_tar(path, err)}") from None
     return tar, names
+
+
+def why_not_a_tar(path, err):
+    """What is wrong with a file tarfile could not read, in words (tarfile's own message is several
+    lines, one per compression it tried)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        return "empty file"
+    if head == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except EOFError:
+            return "the gzip data ends early (an incomplete download?)"
+        except (OSError, zlib.error) as gz_err:
+            return f"bad gzip data ({gz_err})"
+        return "gzip data that is not a tar archive, or a tar archive cut short"
+    message = str(err).strip().splitlines()
+    return message[0].rstrip(":") if len(message) == 1 else "not a tar archive (plain, gzip, bzip2 or xz)"
 
 
 def read_member(tar, names, suffix, archive_path):
@@ -48,7 +73,7 @@ def read_member(tar, names, suffix, archive_path):
         raise PrepError(f"{archive_path} has no member {suffix}")
     try:
         data = tar.extractfile(matches[0]).read()
-    except (tarfile.TarError, OSError, EOFError, AttributeError) as err:
-        reason = (str(err).splitlines() or ["unreadable"])[0]
+    except (tarfile.TarError, OSError, EOFError, zlib.error, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
         raise PrepError(f"corrupt member {matches[0]} in {archive_path}: {reason}") from None
-    return split_lines(data.decode("utf-8"))
+    return split_lines(decode_utf8(data, f"member {matches[0]} of {archive_path}"))

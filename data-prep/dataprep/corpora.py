@@ -1,11 +1,13 @@
-"""The three corpora. Each stage writes its files via temporary names and is skipped when done."""
+"""The three corpora. Each stage writes its files via temporary names and is skipped when done
+(its record unchanged and its outputs present: common.Stages); PREP/tmp/ is removed after success."""
 import gzip
 import os
 import shutil
+import zlib
 
 from . import archive, bpe, text
 from .binarize import fairseq_preprocess
-from .common import PrepError, Stages, check_parallel, log, read_lines, sha256, tool_versions, write_lines
+from .common import PrepError, Stages, check_parallel, decode_utf8, log, read_lines, sha256, tool_versions, write_lines
 
 IWSLT14_URLS = ["https://wit3.fbk.eu/archive/2014-01/texts/de/en/de-en.tgz",
                 "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"]
@@ -28,6 +30,25 @@ MULTI30K_TESTS = ["test_2016_flickr", "test_2017_flickr", "test_2017_mscoco", "t
 PREP_VERSION = 2
 
 
+def _texts(folder, splits, langs, kind=""):
+    """FOLDER/SPLIT{kind}.LANG for every split and language."""
+    return [os.path.join(folder, f"{s}{kind}.{l}") for s in splits for l in langs]
+
+
+def _binarized(data_bin, src, tgt, splits, beside=()):
+    """What fairseq-preprocess (and the binarize stage) leaves in DATA_BIN."""
+    return [os.path.join(data_bin, name) for name in (
+        "testsets.json", *beside, f"dict.{src}.txt", f"dict.{tgt}.txt",
+        *(f"{s}.{src}-{tgt}.{l}.{ext}" for s in splits for l in (src, tgt) for ext in ("bin", "idx")))]
+
+
+def _not_empty(n, what):
+    """Refuse a split without sentences: subword-nmt and fairseq-generate would fail on it later."""
+    if n == 0:
+        raise PrepError(f"{what}: no sentences")
+    return n
+
+
 def _report(folder, langs, splits=("train", "valid", "test")):
     counts = {s: check_parallel(*[os.path.join(folder, f"{s}.{l}") for l in langs]) for s in splits}
     log("sentence pairs: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()))
@@ -48,6 +69,7 @@ def _extract_iwslt(archive_path, pair, src, tgt, drop, sets, tmp, workers, lower
     for lang in (src, tgt):
         lines = text.train_tags_lines(archive.read_member(tar, names, f"train.tags.{pair}.{lang}", archive_path),
                                       drop)
+        _not_empty(len(lines), f"member train.tags.{pair}.{lang} of {archive_path} (after dropping tag lines)")
         log(f"train.tags.{pair}.{lang}: {len(lines):,} lines after dropping tag lines; tokenising")
         train[lang] = text.tokenize(lines, lang, workers)
     if len(train[src]) != len(train[tgt]):
@@ -56,6 +78,8 @@ def _extract_iwslt(archive_path, pair, src, tgt, drop, sets, tmp, workers, lower
     if clean:
         before = len(train[src])
         train[src], train[tgt] = text.clean_corpus(train[src], train[tgt], ratio=1.5, min_len=1, max_len=175)
+        _not_empty(len(train[src]), f"train.tags.{pair}.{{{src},{tgt}}} of {archive_path} after clean-corpus "
+                                    "(ratio 1.5, length 1-175)")
         log(f"clean-corpus (ratio 1.5, length 1-175): kept {len(train[src]):,} of {before:,}")
     for lang in (src, tgt):
         write_lines(os.path.join(tmp, f"train.tags.{lang}"), text.lowercase(train[lang]) if lower else train[lang])
@@ -63,6 +87,7 @@ def _extract_iwslt(archive_path, pair, src, tgt, drop, sets, tmp, workers, lower
         counts = []
         for lang in (src, tgt):
             lines, raw = text.xml_segments(archive.read_member(tar, names, f"{name}.{pair}.{lang}.xml", archive_path))
+            _not_empty(len(lines), f"member {name}.{pair}.{lang}.xml of {archive_path} (no <seg id> line)")
             write_lines(os.path.join(tmp, f"{name}.raw.{lang}"), raw)
             lines = text.tokenize(lines, lang, workers)
             counts.append(write_lines(os.path.join(tmp, f"{name}.{lang}"), text.lowercase(lines) if lower else lines))
@@ -77,6 +102,7 @@ def _split_every_23rd(tmp, langs):
     for lang in langs:
         lines = read_lines(os.path.join(tmp, f"train.tags.{lang}"))
         # awk 'NR % 23 == 0' (1-based line numbers) -> valid, the rest -> train
+        _not_empty(len(lines) // 23, f"valid (every 23rd of the {len(lines)} cleaned train lines)")
         write_lines(os.path.join(tmp, f"valid.{lang}"), (l for i, l in enumerate(lines, 1) if i % 23 == 0))
         write_lines(os.path.join(tmp, f"train.{lang}"), (l for i, l in enumerate(lines, 1) if i % 23 != 0))
 
@@ -93,12 +119,13 @@ def _subword_nmt_stages(stages, first, prep, tmp, src, tgt, merges, tests=("test
     """Learn joint subword-nmt BPE on train.{src,tgt} and apply it to every split (stage numbers
     from `first`); the codes stay in PREP/code."""
     codes = os.path.join(prep, "code")
-    stages.run(f"{first}-learn-bpe", lambda: bpe.learn_subword_nmt(
+    stages.add(f"{first}-learn-bpe", lambda: bpe.learn_subword_nmt(
         [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], merges, codes) or
-        f"subword-nmt, {merges} merges, joint {src}+{tgt}", inputs={"bpe_size": merges})
-    stages.run(f"{first + 1}-apply-bpe", lambda: [
+        f"subword-nmt, {merges} merges, joint {src}+{tgt}", inputs={"bpe_size": merges}, outputs=[codes])
+    splits = ("train", "valid", *tests)
+    stages.add(f"{first + 1}-apply-bpe", lambda: [
         bpe.apply_subword_nmt(codes, os.path.join(tmp, f"{s}.{l}"), os.path.join(prep, f"{s}.{l}"))
-        for s in ("train", "valid", *tests) for l in (src, tgt)] and "BPE applied")
+        for s in splits for l in (src, tgt)] and "BPE applied", outputs=_texts(prep, splits, (src, tgt)))
 
 
 def write_testsets(data_bin, prep, src, tgt, subsets, lowercased, bpe_kind):
@@ -122,23 +149,27 @@ def _iwslt_setup(dest, name, archive_path, urls, force, options):
         archive_path = _archive_path(archive_path, urls, dest)
     if not os.path.isfile(archive_path):
         raise PrepError(f"archive not found: {archive_path}")
+    tmp = os.path.join(prep, "tmp")
     stages = Stages(prep, force, {"prep_version": PREP_VERSION, "tools": tool_versions(),
-                                  "archive_sha256": sha256(archive_path), **options})
-    return prep, os.path.join(prep, "tmp"), os.path.join(dest, "data-bin", name), stages, archive_path
+                                  "archive_sha256": sha256(archive_path), **options}, scratch=tmp)
+    return prep, tmp, os.path.join(dest, "data-bin", name), stages, archive_path
 
 
 def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, force=False):
     src, tgt, pair = "de", "en", "de-en"
     prep, tmp, data_bin, stages, archive_path = _iwslt_setup(dest, "iwslt14.tokenized.de-en", archive_path,
                                                              IWSLT14_URLS, force, {})
-    stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT14_DROP, IWSLT14_TEST, tmp, workers, True)
+    stages.add("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT14_DROP, IWSLT14_TEST, tmp, workers, True,
+               outputs=_texts(tmp, ["train.tags"], (src, tgt)) + _texts(tmp, IWSLT14_TEST, (src, tgt))
+               + _texts(tmp, IWSLT14_TEST, (src, tgt), ".raw"))
 
     def split():
         _split_every_23rd(tmp, (src, tgt))
         _concat_sets(tmp, IWSLT14_TEST, "test", (src, tgt), raw=True)
         return "valid = every 23rd train line; test = " + " + ".join(IWSLT14_TEST)
 
-    stages.run("2-split", split)
+    stages.add("2-split", split, outputs=_texts(tmp, ("train", "valid", "test"), (src, tgt))
+               + _texts(tmp, ["test"], (src, tgt), ".raw"))
     _subword_nmt_stages(stages, 3, prep, tmp, src, tgt, bpe_size)
 
     def binarize():
@@ -148,7 +179,8 @@ def prepare_iwslt14(archive_path=None, dest="data", bpe_size=10000, workers=2, f
         write_testsets(data_bin, prep, src, tgt, {"test": "+".join(IWSLT14_TEST)}, True, "subword_nmt")
         return data_bin + " (BPE codes beside it)"
 
-    stages.run("5-binarize", binarize)
+    stages.add("5-binarize", binarize, outputs=_binarized(data_bin, src, tgt, ("train", "valid", "test"), ["code"]))
+    stages.run()
     return _report(prep, (src, tgt)), data_bin
 
 
@@ -156,8 +188,10 @@ def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, f
     src, tgt, pair = "fr", "en", "fr-en"
     prep, tmp, data_bin, stages, archive_path = _iwslt_setup(dest, "iwslt17.fr-en", archive_path,
                                                              IWSLT17_URLS, force, {})
-    stages.run("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT17_DROP, IWSLT17_VALID + IWSLT17_TEST,
-               tmp, workers, False)
+    sets = IWSLT17_VALID + IWSLT17_TEST
+    stages.add("1-extract", _extract_iwslt, archive_path, pair, src, tgt, IWSLT17_DROP, sets, tmp, workers, False,
+               outputs=_texts(tmp, ["train.tags"], (src, tgt)) + _texts(tmp, sets, (src, tgt))
+               + _texts(tmp, sets, (src, tgt), ".raw"))
 
     def split():
         for lang in (src, tgt):
@@ -166,14 +200,17 @@ def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, f
         _concat_sets(tmp, IWSLT17_TEST, "test", (src, tgt), raw=True)
         return "valid = " + " + ".join(IWSLT17_VALID) + "; test = " + " + ".join(IWSLT17_TEST)
 
-    stages.run("2-split", split)
+    splits = ("train", "valid", "test")
+    stages.add("2-split", split, outputs=_texts(tmp, splits, (src, tgt)) + _texts(tmp, ["test"], (src, tgt), ".raw"))
     model = os.path.join(prep, "spm")
-    stages.run("3-learn-bpe", lambda: bpe.learn_sentencepiece(
+    stages.add("3-learn-bpe", lambda: bpe.learn_sentencepiece(
         [os.path.join(tmp, f"train.{src}"), os.path.join(tmp, f"train.{tgt}")], bpe_size, model) or
-        f"sentencepiece BPE, vocabulary {bpe_size}, joint fr+en", inputs={"bpe_size": bpe_size})
-    stages.run("4-apply-bpe", lambda: [bpe.apply_sentencepiece(model + ".model", os.path.join(tmp, f"{s}.{l}"),
+        f"sentencepiece BPE, vocabulary {bpe_size}, joint fr+en", inputs={"bpe_size": bpe_size},
+        outputs=[model + ".model", model + ".vocab"])
+    stages.add("4-apply-bpe", lambda: [bpe.apply_sentencepiece(model + ".model", os.path.join(tmp, f"{s}.{l}"),
                                                                os.path.join(prep, f"{s}.{l}"))
-                                       for s in ("train", "valid", "test") for l in (src, tgt)] and "pieces applied")
+                                       for s in splits for l in (src, tgt)] and "pieces applied",
+               outputs=_texts(prep, splits, (src, tgt)))
 
     def binarize():
         fairseq_preprocess(prep, src, tgt, data_bin, workers, joined=True)
@@ -181,7 +218,8 @@ def prepare_iwslt17(archive_path=None, dest="data", bpe_size=16000, workers=2, f
         write_testsets(data_bin, prep, src, tgt, {"test": "+".join(IWSLT17_TEST)}, False, "sentencepiece")
         return data_bin + " (joined dictionary, spm.model beside it)"
 
-    stages.run("5-binarize", binarize)
+    stages.add("5-binarize", binarize, outputs=_binarized(data_bin, src, tgt, splits, ["spm.model"]))
+    stages.run()
     return _report(prep, (src, tgt)), data_bin
 
 
@@ -189,10 +227,11 @@ def _read_gz(path):
     if not os.path.isfile(path):
         raise PrepError(f"missing Multi30k file: {path}")
     try:
-        with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
-            return text.split_lines(f.read())
-    except (OSError, EOFError, UnicodeDecodeError) as err:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:
         raise PrepError(f"corrupt gzip file {path}: {err}") from None
+    return text.split_lines(decode_utf8(data, path))
 
 
 def _multi30k_files(raw_dir, dest, src, tgt):
@@ -208,7 +247,8 @@ def _multi30k_files(raw_dir, dest, src, tgt):
             path = os.path.join(folder, f"{name}.{lang}.gz")
             if raw_dir is None and not os.path.exists(path):
                 try:
-                    archive.fetch([MULTI30K_URL.format(name=f"{name}.{lang}")], path)
+                    archive.fetch([MULTI30K_URL.format(name=f"{name}.{lang}")], path,
+                                  "pass --raw-dir FOLDER holding train/val/test_2016_flickr .{de,en,fr}.gz")
                 except PrepError:
                     if required:
                         raise
@@ -234,12 +274,14 @@ def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, worker
     subsets = {("test" if i == 0 else f"test{i}"): name for i, name in enumerate(tests)}
     checksums = {f"{n}.{l}.gz": sha256(os.path.join(folder, f"{n}.{l}.gz")) for n in names for l in (src, tgt)}
     stages = Stages(prep, force, {"prep_version": PREP_VERSION, "tools": tool_versions(), "src": src,
-                                  "inputs_sha256": checksums})
+                                  "inputs_sha256": checksums}, scratch=tmp)
 
     def extract():
         counts = {}
         for split, name in [*MULTI30K_SPLITS.items(), *[(s, n) for s, n in subsets.items()]]:
             lines = {lang: _read_gz(os.path.join(folder, f"{name}.{lang}.gz")) for lang in (src, tgt)}
+            for lang in (src, tgt):
+                _not_empty(len(lines[lang]), os.path.join(folder, f"{name}.{lang}.gz"))
             if len(lines[src]) != len(lines[tgt]):
                 raise PrepError(f"{folder}/{name}.{src}.gz has {len(lines[src])} lines but "
                                 f"{name}.{tgt}.gz has {len(lines[tgt])}")
@@ -250,7 +292,8 @@ def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, worker
             counts[f"{split} ({name})" if split.startswith("test") else split] = len(lines[src])
         return ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " (tokenised, lowercased)"
 
-    stages.run("1-extract", extract)
+    splits = ("train", "valid", *subsets)
+    stages.add("1-extract", extract, outputs=_texts(tmp, splits, (src, tgt)) + _texts(tmp, subsets, (src, tgt), ".raw"))
     _subword_nmt_stages(stages, 2, prep, tmp, src, tgt, bpe_size, tests=tuple(subsets))
 
     def binarize():
@@ -259,5 +302,6 @@ def prepare_multi30k(src="de", raw_dir=None, dest="data", bpe_size=10000, worker
         write_testsets(data_bin, prep, src, tgt, subsets, True, "subword_nmt")
         return data_bin + " (BPE codes beside it)"
 
-    stages.run("4-binarize", binarize)
-    return _report(prep, (src, tgt), ("train", "valid", *subsets)), data_bin
+    stages.add("4-binarize", binarize, outputs=_binarized(data_bin, src, tgt, splits, ["code"]))
+    stages.run()
+    return _report(prep, (src, tgt), splits), data_bin
