@@ -184,6 +184,7 @@ def test_multi30k_from_a_local_folder_with_every_test_set(tmp_path):
     with gzip.open(raw / "test_2017_flickr.en.gz", "rt", encoding="utf-8") as f:
         assert lines(data_bin / "test1.raw.en") == f.read().splitlines()  # untouched: cased, untokenised
     assert "test1: test_2017_flickr (6 sentences)" in proc.stdout
+    assert f"done: {data_bin}  (train 60 / valid 7 / test 9 / test1 6)" in proc.stdout  # every subset counted
     bad = prep("prepare-multi30k.sh", "--src", "es", "--raw-dir", str(raw), "--dest", str(tmp_path / "o2"))
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --src 'es' is not available: allowed de, fr"
 

@@ -39,7 +39,7 @@ def main(argv=None):
                                                 args.force)
     except PrepError as err:
         fail(err)
-    log(f"done: {data_bin}  (train {counts['train']:,} / valid {counts['valid']:,} / test {counts['test']:,})")
+    log(f"done: {data_bin}  (" + " / ".join(f"{split} {n:,}" for split, n in counts.items()) + ")")
 
 
 if __name__ == "__main__":
