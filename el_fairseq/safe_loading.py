@@ -6,8 +6,9 @@ weights_only=True and, for the time of that load only (torch.serialization.safe_
 globals that fairseq 0.12 checkpoints contain and nothing else:
 
     CHECKPOINT_GLOBALS   argparse.Namespace (the legacy args; cfg.model of an --arch model) and,
-                         with --eval-bleu, numpy int64 arrays (the BLEU counts in the metrics):
-                         numpy's _reconstruct, ndarray, dtype and its int64 dtype class.
+                         with --eval-bleu, numpy arrays (the BLEU counts in the metrics: int64, and
+                         float64 once summed over workers): numpy's _reconstruct, ndarray, dtype and
+                         its int64 and float64 dtype classes.
     STATE_GLOBALS        the above and what a loaded checkpoint holds once fairseq has read it:
                          omegaconf's DictConfig/ListConfig, their metadata and AnyNode leaves,
                          typing.Any, dict/int/list/defaultdict, fairseq's tensor placeholder. In
@@ -46,7 +47,7 @@ def checkpoint_globals():
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
     # A file keeps the module path of the numpy that wrote it: numpy 2 writes numpy._core, numpy 1 numpy.core.
-    return [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.int64)),
+    return [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.int64)), type(np.dtype(np.float64)),
             (_reconstruct, "numpy._core.multiarray._reconstruct"), (_reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
