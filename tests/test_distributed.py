@@ -109,3 +109,36 @@ def test_fairseq_train_two_cpu_workers_equal_update_freq_2(data_bin, criterion):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     valid_keys = [f"valid_{k}" for k in ("loss", "nll_loss", *DIAGNOSTICS)]
     assert {k: one["valid"][0][k] for k in valid_keys} == {k: two["valid"][0][k] for k in valid_keys}
+
+
+def test_cpu_world_size_is_one_unless_given(monkeypatch):
+    """fairseq's default --distributed-world-size is the CUDA device count: with --cpu that GPU default
+    means one worker, an explicit world size (flag or hydra override) is kept."""
+    from el_fairseq.compat import cpu_world_size
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert cpu_world_size(4, ["data", "--cpu"]) == 1
+    assert cpu_world_size(4, ["data", "--cpu", "--distributed-world-size", "4"]) == 4
+    assert cpu_world_size(4, ["data", "--cpu", "--distributed-world-size=4"]) == 4
+    assert cpu_world_size(4, ["distributed_training.distributed_world_size=4"]) == 4
+    assert cpu_world_size(2, ["data", "--cpu"]) == 2  # not fairseq's default: set by whoever built the config
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert cpu_world_size(1, []) == 1 and cpu_world_size(3, []) == 3
+
+
+def test_fairseq_train_cpu_on_a_machine_with_gpus_trains_one_worker(data_bin, tmp_path):
+    """fairseq-train --cpu where torch sees 4 GPUs (faked before fairseq computes its default world size)."""
+    import os
+    import subprocess
+    import sys
+
+    argv = ["fairseq-train", str(data_bin / "bin"), "--user-dir", user_dir(), *TINY, "--criterion", "encouraging_loss",
+            "--optimizer", "adam", "--lr", "3e-3", "--max-tokens", "700", "--max-update", "2", "--cpu", "--no-save",
+            "--num-workers", "0"]
+    code = ("import sys, torch\ntorch.cuda.device_count = lambda: 4\n"
+            f"sys.argv = {argv!r}\nfrom fairseq_cli.train import cli_main\ncli_main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "distributed_world_size': 1" in log and "distributed init" not in log and "done training" in log
