@@ -38,7 +38,7 @@ def _fairseq_cli_main(module):
     try:
         cli = importlib.import_module(f"fairseq_cli.{module}")
     except ImportError as err:
-        if err.name in ("fairseq", "fairseq_cli"):
+        if (err.name or "").split(".")[0] in ("fairseq", "fairseq_cli"):
             what = f"fairseq is not installed in this Python ({sys.executable})"
         else:
             what = f"fairseq could not be imported ({err})"
