@@ -48,8 +48,8 @@ class ProjectionModel(torch.nn.Module):
         return torch.log_softmax(net_output[0].float(), -1) if log_probs else torch.softmax(net_output[0].float(), -1)
 
 
-def step(fused, tied, **options):
-    model = ProjectionModel(tied)
+def step(fused, tied, model_dtype=torch.float32, **options):
+    model = ProjectionModel(tied).to(model_dtype)
     criterion = build("encouraging_loss", VOCAB, el_fused_projection=fused, report_accuracy=True, **options)
     sample = make_sample(5, 7, VOCAB, seed=2)
     with torch.no_grad():  # a third of the tokens predicted right: the accuracy is not 0
@@ -161,3 +161,18 @@ def test_fairseq_train_refuses_adaptive_softmax_in_one_line(data_bin):
     assert errors == ["fairseq-train: error: --el-fused-projection needs a plain output projection: this decoder "
                       "uses adaptive softmax (drop one of the two)"]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_matches_its_logits_path(dtype):
+    """A 16-bit model (fairseq --fp16/--bf16 keeps the parameters in it): gradients in its dtype, finite,
+    and those of the logits path of the same model (which rounds the logits to 16 bits; the fused chunks
+    keep them in float32) to the 16-bit precision of the model's own backward."""
+    loss, _, logs, grads = step(True, True, label_smoothing=0.1, model_dtype=dtype)
+    want_loss, _, want_logs, want_grads = step(False, True, label_smoothing=0.1, model_dtype=dtype)
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    assert loss.dtype == torch.float32 and torch.allclose(loss, want_loss.float(), rtol=tol)
+    assert logs["n_correct"] == want_logs["n_correct"]
+    for name, g in want_grads.items():
+        assert grads[name].dtype == dtype and torch.isfinite(grads[name]).all()
+        assert (grads[name].float() - g.float()).abs().max() <= tol * g.float().abs().max(), name
