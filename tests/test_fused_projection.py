@@ -176,3 +176,16 @@ def test_half_precision_model_matches_its_logits_path(dtype):
     for name, g in want_grads.items():
         assert grads[name].dtype == dtype and torch.isfinite(grads[name]).all()
         assert (grads[name].float() - g.float()).abs().max() <= tol * g.float().abs().max(), name
+
+
+def test_fairseq_train_two_workers_with_the_flag_equal_update_freq_2_without(data_bin):
+    """Two gloo workers summing the fused path's logging outputs and gradients = one process, two batches
+    per update, from the logits (tests/test_distributed.py shows the two set-ups equal without the flag)."""
+    two = fairseq_train(data_bin, "--el-fused-projection", "--distributed-world-size", "2", "--max-update", "10",
+                        "--validate-interval-updates", "10")
+    one = fairseq_train(data_bin, "--update-freq", "2", "--max-update", "10", "--validate-interval-updates", "10")
+    assert len(two["train_inner"]) == len(one["train_inner"]) == 2 and two["valid"] and one["valid"]
+    for got, want in zip(two["train_inner"] + two["valid"], one["train_inner"] + one["valid"]):
+        prefix = "valid_" if "valid_loss" in want else ""
+        for key in KEYS + (("gnorm",) if not prefix else ()):
+            assert last_digit_apart(got[prefix + key], want[prefix + key]) <= 1, (prefix + key, got, want)
