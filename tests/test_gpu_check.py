@@ -37,7 +37,8 @@ def test_every_stage_runs_on_the_cpu_and_writes_the_report(tmp_path):
     out = tmp_path / "gpu-check"
     proc = gpu_check("--device", "cpu", "--raw-dir", str(multi30k_like(tmp_path)), "--out", str(out), "--updates", "5",
                      "--bench-vocabs", "300", "--bench-tokens", "128", "--bench-repeats", "1",
-                     "--bench-dtypes", "float16", *TINY)
+                     "--bench-dtypes", "float16", "--linear-vocabs", "301", "--linear-tokens", "67",
+                     "--linear-dim", "24", *TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and report["environment"]["device"] == "cpu" and report["environment"]["torch"]
@@ -46,6 +47,10 @@ def test_every_stage_runs_on_the_cpu_and_writes_the_report(tmp_path):
     rows = report["stages"]["benchmark"]["rows"]
     assert {(r["impl"], r["mode"], r["dtype"]) for r in rows} == {
         (impl, mode, "float16") for impl in ("ls_ce", "el_chunked") for mode in ("train", "eval")}
+    linear = report["stages"]["linear"]["rows"]
+    assert {(r["method"], r["dtype"], r["vocab"]) for r in linear} == {
+        (m, "float16", 301) for m in ("el_logits", "el_linear", "torch_ce", "torch_linear_ce")}
+    assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in linear)
     runs = report["stages"]["training"]["runs"]
     for loss, criterion in (("ce", "label_smoothed_cross_entropy"), ("el", "encouraging_loss")):
         run = runs[loss]
@@ -53,7 +58,7 @@ def test_every_stage_runs_on_the_cpu_and_writes_the_report(tmp_path):
         assert f"--criterion {criterion}" in run["command"] and "--distributed-world-size 1" in run["command"]
     assert runs["el_over_ce_wps"] > 0
     md = (out / "report.md").read_text()
-    for heading in ("## CUDA tests", "## Loss benchmark", "## Training"):
+    for heading in ("## CUDA tests", "## Loss benchmark", "## Output projection + loss", "## Training"):
         assert heading in md
     assert "| EL | 5 |" in md and not list(out.glob("*.tmp"))
 

@@ -10,10 +10,14 @@ Stages (each recorded, a failing one does not stop the next):
                   on a GPU a skipped test counts as a failure;
   3. benchmark    benchmarks.loss_benchmark on the device: fairseq's LS-CE, the EL reference,
                   chunked and Triton paths; float32/float16/bfloat16 logits; 10k and 32k vocabularies;
-  4. training     fairseq-train with the `multi30k` recipe (transformer_iwslt_de_en), CE and EL, fp16,
+  4. linear       benchmarks.linear_benchmark on the device: the fused linear EL (no logits) against
+                  logits-in EL, torch's linear + CE and torch's chunked F.linear_cross_entropy, per dtype,
+                  at N 8,192, D 1,024, V 32,000 and 128,256 by default;
+  5. training     fairseq-train with the `multi30k` recipe (transformer_iwslt_de_en), CE and EL, fp16,
                   --updates each on Multi30k De-En (prepared from --raw-dir, default ../shared/data/multi30k),
                   no validation or checkpoints: training tokens/s and peak GPU memory.
-Writes OUT/report.md and OUT/report.json (with the GPU's name) and OUT/loss_benchmark.json.
+Writes OUT/report.md and OUT/report.json (with the GPU's name), OUT/loss_benchmark.json and
+OUT/linear_benchmark.json.
 
 --device cpu runs the same stages on the CPU, for testing this command where there is no GPU (the
 CUDA tests then skip); trailing fairseq flags go to both trainings (the tests shrink the model).
@@ -94,6 +98,20 @@ def run_benchmark(device, out, vocabs, tokens, repeats, dtypes):
     return {"command": quote(cmd), "ok": True, "rows": rows}
 
 
+def run_linear_benchmark(device, out, vocabs, tokens, dim, dtypes):
+    path = os.path.join(out, "linear_benchmark.json")
+    cmd = [sys.executable, "-m", "benchmarks.linear_benchmark", "--device", device, "--dtypes", *dtypes,
+           "--vocabs", *map(str, vocabs), "--tokens", str(tokens), "--dim", str(dim), "--json", path]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    with open(os.path.join(out, "linear_benchmark.log"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"command": quote(cmd), "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    return {"command": quote(cmd), "ok": True, "rows": rows}
+
+
 def prepare_data(raw_dir, out):
     data = os.path.join(out, "data", "data-bin", "multi30k.de-en")
     if os.path.isdir(data):
@@ -116,6 +134,10 @@ def train_child(result_path, fairseq_args):
     import torch
 
     from fairseq_cli.train import cli_main
+
+    # The plugin itself: fairseq skips a --user-dir whose package is imported already (this module's is),
+    # so its criteria and compat patches are loaded here, as fairseq-train's --user-dir would.
+    import el_fairseq.criterions  # noqa: F401
 
     # fairseq-train's own log format (its basicConfig is a no-op once importing the plugin has logged),
     # which the report parses: "... | train_inner | {json}".
@@ -202,6 +224,18 @@ def markdown(report):
         else:
             lines.append(f"FAILED: {bench.get('error')}")
         lines.append("")
+    linear = report["stages"].get("linear")
+    if linear:
+        lines += ["## Output projection + loss (fused linear EL)", "", f"`{linear['command']}`", ""]
+        if linear["ok"]:
+            lines += ["| dtype | vocab | method | time s | x EL logits | peak MiB | x EL logits |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in linear["rows"]:
+                lines.append(f"| {r['dtype']} | {r['vocab']} | {r['method']} | {r['seconds']:.3f} | {r['time_ratio']:.2f} | "
+                             f"{r['peak_extra_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |")
+        else:
+            lines.append(f"FAILED: {linear.get('error')}")
+        lines.append("")
     training = report["stages"].get("training")
     if training:
         lines += ["## Training (fairseq-train, `multi30k` recipe, Multi30k De-En)", "",
@@ -238,13 +272,16 @@ def main(argv=None):
     parser.add_argument("--data", help="a prepared Multi30k De-En data-bin folder (skips data preparation)")
     parser.add_argument("--updates", type=int, default=300, help="training updates per loss (default 300)")
     parser.add_argument("--out", default=os.path.join("results", "gpu-check"))
-    parser.add_argument("--stages", nargs="+", choices=["tests", "benchmark", "training"],
-                        default=["tests", "benchmark", "training"])
+    parser.add_argument("--stages", nargs="+", choices=["tests", "benchmark", "linear", "training"],
+                        default=["tests", "benchmark", "linear", "training"])
     parser.add_argument("--bench-vocabs", type=int, nargs="+", default=[10000, 32000])
     parser.add_argument("--bench-tokens", type=int, default=4096)
     parser.add_argument("--bench-repeats", type=int, default=20)
     parser.add_argument("--bench-dtypes", nargs="+", choices=["float32", "float16", "bfloat16"],
                         default=["float32", "float16", "bfloat16"])
+    parser.add_argument("--linear-vocabs", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--linear-tokens", type=int, default=8192)
+    parser.add_argument("--linear-dim", type=int, default=1024)
     args, extra = parser.parse_known_args(argv)
     if args.updates < 1:
         parser.error(f"--updates {args.updates}: must be at least 1")
@@ -266,6 +303,10 @@ def main(argv=None):
         log("loss benchmark")
         report["stages"]["benchmark"] = run_benchmark(args.device, args.out, args.bench_vocabs, args.bench_tokens,
                                                       args.bench_repeats, args.bench_dtypes)
+    if "linear" in args.stages:
+        log("linear benchmark (fused output projection + loss)")
+        report["stages"]["linear"] = run_linear_benchmark(args.device, args.out, args.linear_vocabs, args.linear_tokens,
+                                                          args.linear_dim, args.bench_dtypes)
     if "training" in args.stages:
         data = args.data or prepare_data(args.raw_dir, args.out)
         report["stages"]["training"] = run_training(args.device, args.out, data, args.updates, extra)
