@@ -61,7 +61,7 @@ RECIPES = {
         description="Multi30k (29k sentence pairs), transformer_iwslt_de_en; minutes on one GPU",
     ),
     # Multi30k on a 2-core CPU (both directions). Why this model: speeds measured before this recipe
-    # existed (issue 10: fairseq-train --cpu, 2 threads, ~3,500 target tokens a batch):
+    # existed (fairseq-train --cpu, 2 threads, ~3,500 target tokens a batch):
     # transformer_iwslt_de_en ~700 tokens/s (5 h for the GPU recipe), 3+3 layers with FFN 1024
     # ~3,300 tokens/s, 2+2 layers of 256 dimensions with FFN 512 ~5,500 tokens/s (3,500-3,800 when
     # measured again alone on the 2-core AMD EPYC of the run below, 2026-11-25).
