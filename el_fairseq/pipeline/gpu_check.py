@@ -83,33 +83,30 @@ def run_tests(device, out):
     return {"command": quote(cmd), "counts": counts, "ok": ok, "returncode": proc.returncode}
 
 
-def run_benchmark(device, out, vocabs, tokens, repeats, dtypes):
-    path = os.path.join(out, "loss_benchmark.json")
-    cmd = [sys.executable, "-m", "benchmarks.loss_benchmark", "--device", device, "--modes", "train", "eval",
-           "--dtypes", *dtypes, "--vocabs", *map(str, vocabs), "--tokens", str(tokens),
-           "--repeats", str(repeats), "--json", path]
+def run_benchmark_module(module, out, args):
+    """python -m benchmarks.MODULE ARGS --json OUT/MODULE.json; its output in OUT/MODULE.log."""
+    path = os.path.join(out, f"{module}.json")
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", *args, "--json", path]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    with open(os.path.join(out, "loss_benchmark.log"), "w") as f:
+    with open(os.path.join(out, f"{module}.log"), "w") as f:
         f.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         return {"command": quote(cmd), "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
     with open(path) as f:
         rows = json.load(f)["rows"]
     return {"command": quote(cmd), "ok": True, "rows": rows}
+
+
+def run_benchmark(device, out, vocabs, tokens, repeats, dtypes):
+    return run_benchmark_module("loss_benchmark", out, [
+        "--device", device, "--modes", "train", "eval", "--dtypes", *dtypes, "--vocabs", *map(str, vocabs),
+        "--tokens", str(tokens), "--repeats", str(repeats)])
 
 
 def run_linear_benchmark(device, out, vocabs, tokens, dim, dtypes):
-    path = os.path.join(out, "linear_benchmark.json")
-    cmd = [sys.executable, "-m", "benchmarks.linear_benchmark", "--device", device, "--dtypes", *dtypes,
-           "--vocabs", *map(str, vocabs), "--tokens", str(tokens), "--dim", str(dim), "--json", path]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    with open(os.path.join(out, "linear_benchmark.log"), "w") as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"command": quote(cmd), "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
-    with open(path) as f:
-        rows = json.load(f)["rows"]
-    return {"command": quote(cmd), "ok": True, "rows": rows}
+    return run_benchmark_module("linear_benchmark", out, [
+        "--device", device, "--dtypes", *dtypes, "--vocabs", *map(str, vocabs), "--tokens", str(tokens),
+        "--dim", str(dim)])
 
 
 def prepare_data(raw_dir, out):
@@ -201,6 +198,18 @@ def number(value, digits):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def benchmark_section(stage, title, header, row):
+    """A report.md section for one benchmark stage: its command, then a table (or why it failed)."""
+    if not stage:
+        return []
+    lines = [f"## {title}", "", f"`{stage['command']}`", ""]
+    if stage["ok"]:
+        lines += [header, "|" + "---|" * (header.count("|") - 1)] + [row(r) for r in stage["rows"]]
+    else:
+        lines.append(f"FAILED: {stage.get('error')}")
+    return lines + [""]
+
+
 def markdown(report):
     env = report["environment"]
     where = env.get("gpu") or env["cpu"]
@@ -212,30 +221,16 @@ def markdown(report):
     if tests:
         counts = ", ".join(f"{n} {w}" for w, n in tests["counts"].items()) or "no summary"
         lines += ["## CUDA tests", "", f"`{tests['command']}`: {counts} -> **{'ok' if tests['ok'] else 'FAILED'}**", ""]
-    bench = report["stages"].get("benchmark")
-    if bench:
-        lines += ["## Loss benchmark", "", f"`{bench['command']}`", ""]
-        if bench["ok"]:
-            lines += ["| mode | dtype | vocab | implementation | time ms | x LS-CE | peak MiB | x LS-CE |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for r in bench["rows"]:
-                lines.append(f"| {r['mode']} | {r['dtype']} | {r['vocab']} | {r['impl']} | {r['median_s'] * 1e3:.2f} | "
-                             f"{r['time_ratio']:.2f} | {r['peak_extra_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |")
-        else:
-            lines.append(f"FAILED: {bench.get('error')}")
-        lines.append("")
-    linear = report["stages"].get("linear")
-    if linear:
-        lines += ["## Output projection + loss (fused linear EL)", "", f"`{linear['command']}`", ""]
-        if linear["ok"]:
-            lines += ["| dtype | vocab | method | time s | x EL logits | peak MiB | x EL logits |",
-                      "|---|---|---|---|---|---|---|"]
-            for r in linear["rows"]:
-                lines.append(f"| {r['dtype']} | {r['vocab']} | {r['method']} | {r['seconds']:.3f} | {r['time_ratio']:.2f} | "
-                             f"{r['peak_extra_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |")
-        else:
-            lines.append(f"FAILED: {linear.get('error')}")
-        lines.append("")
+    lines += benchmark_section(report["stages"].get("benchmark"), "Loss benchmark",
+                               "| mode | dtype | vocab | implementation | time ms | x LS-CE | peak MiB | x LS-CE |",
+                               lambda r: f"| {r['mode']} | {r['dtype']} | {r['vocab']} | {r['impl']} | "
+                                         f"{r['median_s'] * 1e3:.2f} | {r['time_ratio']:.2f} | "
+                                         f"{r['peak_extra_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |")
+    lines += benchmark_section(report["stages"].get("linear"), "Output projection + loss (fused linear EL)",
+                               "| dtype | vocab | method | time s | x EL logits | peak MiB | x EL logits |",
+                               lambda r: f"| {r['dtype']} | {r['vocab']} | {r['method']} | {r['seconds']:.3f} | "
+                                         f"{r['time_ratio']:.2f} | {r['peak_extra_bytes'] / 2**20:.1f} | "
+                                         f"{r['memory_ratio']:.2f} |")
     training = report["stages"].get("training")
     if training:
         lines += ["## Training (fairseq-train, `multi30k` recipe, Multi30k De-En)", "",
