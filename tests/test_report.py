@@ -123,6 +123,24 @@ def test_interval_over_seeds_includes_the_seed_to_seed_variance(tmp_path):
     assert "no significant difference" in md and "over seeds 1, 2, 3" in md
 
 
+def test_seeds_scored_on_one_test_set_share_its_sentence_resamples():
+    """Seeds are crossed with the test sentences (every seed translated the same test set), so the
+    test-set part of the interval over seeds must not shrink with the number of seeds: four seeds that
+    are copies of one seed give the one seed's interval, not one half as wide (independent sentence
+    draws per seed averaged four independent test-set samples)."""
+    metric = BLEU()
+    refs = references(400)
+    ce = significance.sentence_stats(metric, degrade(refs, 0.45, 1), refs)
+    el = significance.sentence_stats(metric, degrade(refs, 0.40, 2), refs)
+    one = significance.paired_bootstrap(metric, ce, el, samples=400)
+    four = significance.hierarchical_bootstrap(metric, [(ce, el)] * 4, samples=400)
+    assert four["delta"] == pytest.approx(one["delta"])
+    width = lambda r: r["delta_ci95"][1] - r["delta_ci95"][0]  # noqa: E731
+    assert 0.8 < width(four) / width(one) < 1.25
+    with pytest.raises(ValueError, match="not the same test set"):
+        significance.hierarchical_bootstrap(metric, [(ce, el), (ce[:-1], el[:-1])], samples=10)
+
+
 def test_ce_and_el_share_their_resamples_whatever_sacrebleu_seed_says(tmp_path, monkeypatch):
     """Identical CE and EL hypotheses: every paired resample gives Δ* = 0 exactly, whatever
     SACREBLEU_SEED is ('none' unpaired sacreBLEU's resampling of CE and EL); and the figures do not

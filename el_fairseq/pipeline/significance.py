@@ -9,8 +9,12 @@ resampled with the same sentence indices.
 - paired_bootstrap: one seed, sentences resampled with replacement. Its interval is conditional on the
   two trained models: it holds test-set variance only, not the variance between trainings.
 - hierarchical_bootstrap: the interval over seeds. Each resample draws k seeds with replacement from
-  the k seeds, then the sentences of each drawn seed with replacement; Δ* = mean over the drawn seeds
-  of EL − CE. Seed-to-seed variance enters through the first level.
+  the k seeds, and one set of sentence indices (with replacement) at which every drawn seed's CE and EL
+  are scored; Δ* = mean over the drawn seeds of EL − CE. Seed-to-seed variance enters through the
+  first level, test-set variance through the second. The sentences are drawn once per resample, not
+  once per seed, because every seed translated the same test set (seeds and sentences are crossed, not
+  nested): independent draws per seed would treat each seed's test set as a fresh sample and shrink
+  the sentence part of the interval by the square root of the number of seeds.
 - approximate_randomization: per trial, each sentence's CE and EL statistics are swapped with
   probability 1/2; p = (1 + #{|Δ_perm| >= |Δ|}) / (trials + 1), two-sided.
 - two_sided_p: for a bootstrap, p = min(1, 2 min(1 + #{Δ* <= 0}, 1 + #{Δ* >= 0}) / (B + 1)): the
@@ -83,22 +87,23 @@ def paired_bootstrap(metric, ce, el, samples=BOOTSTRAP_SAMPLES, generator=None):
 
 def hierarchical_bootstrap(metric, pairs, samples=BOOTSTRAP_SAMPLES, generator=None):
     """Over seeds: pairs = [(ce_stats, el_stats) per seed]. Δ = mean over seeds of the per-seed Δ;
-    its interval from resampling seeds, then sentences within each drawn seed (same indices for
-    that seed's CE and EL)."""
+    its interval from resampling seeds and, once per resample, the sentences (the same indices for
+    every drawn seed's CE and EL)."""
     if not pairs:
         raise ValueError("no seed with both CE and EL")
     for ce, el in pairs:
-        if ce.shape != el.shape:
-            raise ValueError(f"CE has {len(ce)} sentences but EL {len(el)}: not the same test set")
+        if ce.shape != el.shape or len(ce) != len(pairs[0][0]):
+            raise ValueError(f"CE has {len(ce)} sentences but EL {len(el)} (first seed {len(pairs[0][0])}): "
+                             "not the same test set")
     generator = generator or rng()
     k = len(pairs)
     deltas = np.empty(samples)
     for b in range(samples):
         drawn = generator.integers(0, k, size=k)
+        idx = generator.integers(0, len(pairs[0][0]), size=len(pairs[0][0]))  # shared: one test set
         total = 0.0
         for j in drawn:
             ce, el = pairs[j]
-            idx = generator.integers(0, len(ce), size=len(ce))
             total += corpus_bleu(metric, el[idx].sum(0)) - corpus_bleu(metric, ce[idx].sum(0))
         deltas[b] = total / k
     per_seed = [corpus_bleu(metric, el.sum(0)) - corpus_bleu(metric, ce.sum(0)) for ce, el in pairs]
