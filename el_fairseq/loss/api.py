@@ -99,6 +99,18 @@ def _check_weight(weight, num_classes=None):
     return weight
 
 
+def check_targets(flat, num_classes, ignore_index, kept=None):
+    """The class indices of `flat` other than ignore_index (the mask `kept` where the caller has it) lie
+    in [0, num_classes): one min/max pass, one device sync."""
+    if ignore_index is not None:
+        flat = flat[flat.ne(ignore_index) if kept is None else kept]
+    if flat.numel():
+        low, high = (int(v) for v in torch.aminmax(flat))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"target values must be in [0, {num_classes}) or ignore_index {ignore_index}, "
+                             f"got {low}..{high}")
+
+
 def _unfused(impl, what):
     """The plain-torch path for what the fused kernels do not take; an explicit fused impl is refused."""
     if impl not in ("auto", "reference"):
@@ -135,10 +147,7 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
             raise ValueError(f"target of class indices must be an integer tensor, got {target.dtype}")
         flat = target.reshape(-1)
         kept = flat.ne(ignore_index)
-        bad = flat[kept]
-        if bad.numel() and (int(bad.min()) < 0 or int(bad.max()) >= num_classes):
-            raise ValueError(f"target values must be in [0, {num_classes}) or ignore_index {ignore_index}, "
-                             f"got {int(bad.min())}..{int(bad.max())}")
+        check_targets(flat, num_classes, ignore_index, kept)
         safe = flat.masked_fill(~kept, 0)
         # Without smoothing a class weight scales the whole token loss, w_y (CE + rho b(p_y)): the fused
         # kernels' per-token loss times w_y is exact. Smoothing weights each class j: plain torch.

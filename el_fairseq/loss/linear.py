@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .api import _check_weight, _loss as _logits_loss, _unfused, check_options, fairseq_epsilon, make_spec
+from .api import (_check_weight, _loss as _logits_loss, _unfused, check_options, check_targets, fairseq_epsilon,
+                  make_spec)
 from .bonus import BonusSpec
 from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
@@ -171,7 +172,7 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
                                                      reduce=False, impl=impl, with_stats=True)
         return (loss.sum() if reduce else loss), nll, stats.float()
     vocab = weight.size(0)
-    _check_targets(flat, vocab, ignore_index)
+    check_targets(flat, vocab, ignore_index)
     work = compute_dtype(input.dtype)
     path = dispatch.checked_path(x.new_empty(0, vocab, dtype=work), impl, epsilon, spec, ignore_index)
     return _chunked(x, weight, bias, flat, epsilon, spec, ignore_index, dispatch.KERNELS[path](), reduce, chunk_size)
@@ -278,7 +279,7 @@ def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label
     if soft or smoothed:
         _unfused(impl, "probability targets" if soft else "weight with label_smoothing or bonus_label_smoothing")
         if not soft:
-            _check_targets(flat, vocab, ignore_index)
+            check_targets(flat, vocab, ignore_index)
         kernel = class_weighted_kernel(class_weight, label_smoothing)
         loss = _chunked(x, weight, bias, flat, 0.0, spec, ignore_index, kernel, reduce, chunk_size)[0]
     else:  # a weight without smoothing scales the fused per-token loss: w_y (CE + rho b(p_y))
@@ -294,13 +295,6 @@ def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label
         count = w_y.masked_fill(~kept, 0.0).sum()
     out = loss.reshape(rows_shape) if reduction == "none" else loss if reduction == "sum" else loss / count
     return out.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else out
-
-
-def _check_targets(flat, vocab, ignore_index):
-    keep = flat if ignore_index is None else flat[flat.ne(ignore_index)]
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= vocab):
-        raise ValueError(f"target values must be in [0, {vocab}) or ignore_index {ignore_index}, "
-                         f"got {int(keep.min())}..{int(keep.max())}")
 
 
 class EncouragingLinearLoss(torch.nn.Module):
