@@ -189,3 +189,27 @@ def test_fairseq_train_two_workers_with_the_flag_equal_update_freq_2_without(dat
         prefix = "valid_" if "valid_loss" in want else ""
         for key in KEYS + (("gnorm",) if not prefix else ()):
             assert last_digit_apart(got[prefix + key], want[prefix + key]) <= 1, (prefix + key, got, want)
+
+
+@pytest.mark.usefixtures("fresh_kernel_state")
+def test_a_wrong_bonus_path_is_caught_at_update_zero_of_a_bonus_schedule(monkeypatch):
+    """With --bonus-schedule rho is 0 at update 0, where the per-chunk kernel runs without its bonus: the
+    fused path's first-use self-check also runs with the configured rho, as the logits path's does."""
+    from fairseq.logging import metrics
+
+    from el_fairseq.loss import native, self_check
+
+    real = native.forward
+
+    def wrong_bonus_path(logits, target, epsilon, spec, ignore_index, need_grad=True):
+        loss, nll, stats, grad = real(logits, target, epsilon, spec, ignore_index, need_grad=need_grad)
+        return loss, nll, stats, grad * 1.5 if spec.active and grad is not None else grad
+
+    monkeypatch.setattr(native, "forward", wrong_bonus_path)
+    options = dict(label_smoothing=0.1, bonus_rho=0.8, bonus_schedule="linear", bonus_schedule_updates=100)
+    with metrics.aggregate("train"):
+        metrics.log_scalar("num_updates", 0, weight=0)  # what Trainer.set_num_updates does
+        with pytest.warns(RuntimeWarning, match="the native kernel failed its self-check"):
+            step(True, True, **options)
+    reason = self_check._results[("native", torch.float32, "cpu")][1]
+    assert "gradient off by" in reason and "at rho 0.8" in reason, reason

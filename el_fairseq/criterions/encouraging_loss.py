@@ -230,7 +230,7 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
             target = target[:, self.ignore_prefix_size:]
         loss, nll, stats = fused_linear_encouraging_loss(features, projection.weight, projection.bias, target, self.eps,
                                                          self.current_spec(), ignore_index=self.padding_idx,
-                                                         reduce=reduce, impl=self.el_impl)
+                                                         reduce=reduce, impl=self.el_impl, check_spec=self.spec)
         flat = target.reshape(-1)
         extra = summarize(stats, nll, flat, self.padding_idx) if self.log_diagnostics else {}
         kept = flat.ne(self.padding_idx)

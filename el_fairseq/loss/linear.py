@@ -158,12 +158,13 @@ class _PerTokenLinearLoss(torch.autograd.Function):
 
 
 def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: BonusSpec, ignore_index=None,
-                                  reduce=True, impl="auto", chunk_size=None):
+                                  reduce=True, impl="auto", chunk_size=None, check_spec=None):
     """(loss, nll, stats) of logits F.linear(input, weight, bias), input (..., D), weight (V, D),
     target (...), never materialising them: epsilon is fairseq's label smoothing (as in
     dispatch.encouraging_loss); loss summed when reduce, else per token (N,) like nll; stats
     (N, 2) float32 [z_y, margin], zeros at ignored tokens. impl "reference": the full logits with
-    autograd (for tests)."""
+    autograd (for tests). check_spec: the run's configured options, for the per-chunk kernel's
+    first-use self-check (dispatch.checked_path; a bonus schedule's rho is 0 at update 0)."""
     _check_shapes(input, weight, bias, target, chunk_size)
     x = input.reshape(-1, input.size(-1))
     flat = target.reshape(-1)
@@ -174,7 +175,7 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
     vocab = weight.size(0)
     check_targets(flat, vocab, ignore_index)
     work = compute_dtype(input.dtype)
-    path = dispatch.checked_path(x.new_empty(0, vocab, dtype=work), impl, epsilon, spec, ignore_index)
+    path = dispatch.checked_path(x.new_empty(0, vocab, dtype=work), impl, epsilon, spec, ignore_index, check_spec)
     return _chunked(x, weight, bias, flat, epsilon, spec, ignore_index, dispatch.KERNELS[path](), reduce, chunk_size)
 
 
