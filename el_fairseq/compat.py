@@ -117,8 +117,9 @@ def cpu_world_size(world_size, argv=None):
     return 1 if world_size == max(1, torch.cuda.device_count()) else world_size
 
 
-def _cpu_workers(call_main, distributed_main):
-    """fairseq's call_main, with --cpu: gloo, and on one node one spawned worker per world-size slot."""
+def _cpu_workers(call_main, distributed_main, worker):
+    """fairseq's call_main, with --cpu: gloo, and on one node one spawned worker per world-size slot,
+    each running worker(i, distributed_main, main, cfg, kwargs) (el_fairseq.criterions.spawned_worker)."""
     import torch.multiprocessing as mp
 
     def patched(cfg, main, **kwargs):
@@ -139,7 +140,7 @@ def _cpu_workers(call_main, distributed_main):
         dt.distributed_init_method = f"tcp://127.0.0.1:{_free_local_port()}"
         kwargs["start_rank"] = dt.distributed_rank
         dt.distributed_rank = None  # assigned per worker by distributed_main, as fairseq does for GPUs
-        mp.spawn(fn=distributed_main, args=(main, cfg, kwargs), nprocs=dt.distributed_world_size, join=True)
+        mp.spawn(fn=worker, args=(distributed_main, main, cfg, kwargs), nprocs=dt.distributed_world_size, join=True)
 
     patched._el_fairseq = True
     return patched
@@ -158,12 +159,13 @@ def _cpu_aware_ddp(ddp_class):
     return DistributedDataParallel
 
 
-def patch_fairseq_distributed_cpu():
+def patch_fairseq_distributed_cpu(spawn_worker):
     from fairseq.distributed import utils as distributed_utils
     from fairseq.models import distributed_fairseq_model
 
-    if not getattr(distributed_utils.call_main, "_el_fairseq", False):
-        distributed_utils.call_main = _cpu_workers(distributed_utils.call_main, distributed_utils.distributed_main)
+    if spawn_worker is not None and not getattr(distributed_utils.call_main, "_el_fairseq", False):
+        distributed_utils.call_main = _cpu_workers(distributed_utils.call_main, distributed_utils.distributed_main,
+                                                   spawn_worker)
     ddp = distributed_fairseq_model.DistributedDataParallel
     if not getattr(ddp, "_el_fairseq", False):
         distributed_fairseq_model.DistributedDataParallel = _cpu_aware_ddp(ddp)
@@ -187,9 +189,11 @@ def install_excepthook():
         sys.excepthook = _one_line_option_errors(sys.excepthook)
 
 
-def apply():
-    """Patch fairseq (1-4 above); idempotent. Called when the plugin is loaded, never on `import el_fairseq`."""
+def apply(spawn_worker=None):
+    """Patch fairseq (1-4 above); idempotent. Called when the plugin is loaded, never on `import el_fairseq`.
+    spawn_worker: what each spawned --cpu worker runs (el_fairseq.criterions.spawned_worker.run, given
+    by the plugin); without it, 4 is left out (el_fairseq.pipeline.analysis only loads checkpoints)."""
     patch_fairseq_checkpoint_loading()
     patch_fairseq_batching()
-    patch_fairseq_distributed_cpu()
+    patch_fairseq_distributed_cpu(spawn_worker)
     install_excepthook()

@@ -142,3 +142,30 @@ def test_fairseq_train_cpu_on_a_machine_with_gpus_trains_one_worker(data_bin, tm
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "distributed_world_size': 1" in log and "distributed init" not in log and "done training" in log
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "raised"])
+def test_a_spawned_cpu_worker_destroys_its_process_group(tmp_path, fails):
+    """A --cpu worker (el_fairseq.compat's spawn target) destroys its gloo process group when fairseq's
+    distributed_main returns or raises: left to interpreter shutdown, gloo's threads can abort a worker
+    that has finished training (SIGABRT, "terminate called without an active exception")."""
+    from el_fairseq.criterions.spawned_worker import run as _spawned_worker
+
+    def distributed_main(i, main, cfg, kwargs):  # fairseq's: init the group, train
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=i, world_size=1)
+        main(cfg, **kwargs)
+
+    def main(cfg, steps):
+        for _ in range(steps):
+            t = torch.ones(3)
+            dist.all_reduce(t)
+        assert dist.is_initialized() and torch.equal(t, torch.ones(3))
+        if fails:
+            raise RuntimeError("training failed")
+
+    if fails:
+        with pytest.raises(RuntimeError, match="training failed"):
+            _spawned_worker(0, distributed_main, main, None, {"steps": 2})
+    else:
+        _spawned_worker(0, distributed_main, main, None, {"steps": 2})
+    assert not dist.is_initialized()
