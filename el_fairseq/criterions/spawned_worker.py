@@ -10,8 +10,8 @@ imported already.
 
 Why os._exit after a finished training: objects that still reference the gloo process group when
 distributed_main returns (fairseq's DistributedDataParallel model and trainer, presumably) are destroyed
-at interpreter shutdown in no set order, and gloo's threads can then abort the finished worker (SIGABRT, "terminate called without
-an active exception"), which fails the whole run. Destroying the group alone did not prevent it. A
+at interpreter shutdown in no set order, and gloo's threads can then abort the finished worker
+(SIGABRT, "terminate called without an active exception"), which fails the whole run. Destroying the group alone did not prevent it. A
 worker that raised keeps Python's normal exit, so torch.multiprocessing reports its traceback.
 """
 import logging

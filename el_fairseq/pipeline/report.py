@@ -271,7 +271,8 @@ def render_markdown(task, table, sig, margins, subsets, prov, pngs, pair, from_h
             "p = P(|Δ_perm| ≥ |Δ|), +1 corrected. **Significant** means the 95% interval excludes 0, nothing "
             "else. A *seed* row resamples sentences only: it is conditional on the two trained models and "
             "ignores the variance between trainings. The *over seeds* row is a two-level bootstrap (seeds "
-            "with replacement, and the sentences, one draw shared by the drawn seeds since they all translated the same test set): the interval that speaks about the "
+            "with replacement, and the sentences, one draw shared by the drawn seeds since they all translated "
+            "the same test set): the interval that speaks about the "
             "training method.", ""]
         lines += ["## Summary", "", "| checkpoint | test sets | seeds | Δ [95% CI] over seeds | p (two-sided) | "
                   "conclusion |", "|---|---|---|---|---|---|"]
