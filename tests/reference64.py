@@ -60,38 +60,33 @@ def el_loss64(logits, target, eps, eps_b, rho, pad=None, kind="log", log_end=0.5
 
 def torch_el_loss64(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                     rho=1.0, eps_b=0.0, kind="log", log_end=0.75, gamma=1.0, start=0.0):
-    """F.cross_entropy's conventions + rho * bonus, float64, one row at a time.
+    """F.cross_entropy's conventions + rho * bonus, float64, all rows at once.
 
     logits (N, C, d...); target class indices (N, d...) or probabilities shaped like logits; w the class
     weights (ones if None). Per row, with t the one-hot of y (or the row's probabilities):
         q = (1 - eps) t + eps / C,  qb = (1 - eps_b) t + eps_b / C,
         loss = sum_j w_j (q_j * -log p_j + rho * qb_j * b(p_j)).
+    An ignored row (y == ignore_index, class indices only) costs 0.
     mean: sum / sum of w_y over non-ignored rows (class indices), sum / rows (probabilities).
     """
     C = logits.size(1)
     z = logits.double().movedim(1, -1).reshape(-1, C)
-    soft = tuple(target.shape) == tuple(logits.shape)
-    t = target.double().movedim(1, -1).reshape(-1, C) if soft else target.reshape(-1)
     w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
-    rows, denominator = [], torch.zeros((), dtype=torch.float64)
-    for i in range(z.size(0)):
-        if soft:
-            dist = t[i]
-            denominator = denominator + 1
-        else:
-            y = int(t[i])
-            if y == ignore_index:
-                rows.append(torch.zeros((), dtype=torch.float64))
-                continue
-            dist = torch.zeros(C, dtype=torch.float64)
-            dist[y] = 1.0
-            denominator = denominator + w[y]
-        lp = z[i] - torch.logsumexp(z[i], 0)
-        b = bonus64(torch.softmax(z[i], 0), kind, log_end, gamma, start)
-        q = (1 - label_smoothing) * dist + label_smoothing / C
-        qb = (1 - eps_b) * dist + eps_b / C
-        rows.append((w * (q * -lp + rho * qb * b)).sum())
-    loss = torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64)
+    if tuple(target.shape) == tuple(logits.shape):
+        dist = target.double().movedim(1, -1).reshape(-1, C)
+        counted = torch.ones(z.size(0), dtype=torch.bool)
+        denominator = torch.tensor(float(z.size(0)), dtype=torch.float64)
+    else:
+        y = target.reshape(-1)
+        counted = y != ignore_index
+        y = torch.where(counted, y, torch.zeros_like(y))
+        dist = torch.zeros_like(z).scatter(1, y.unsqueeze(1), 1.0)
+        denominator = (w[y] * counted).sum()
+    lp = z - torch.logsumexp(z, 1, keepdim=True)
+    b = bonus64(torch.softmax(z, 1), kind, log_end, gamma, start)
+    q = (1 - label_smoothing) * dist + label_smoothing / C
+    qb = (1 - eps_b) * dist + eps_b / C
+    loss = torch.where(counted, (w * (q * -lp + rho * qb * b)).sum(1), torch.zeros((), dtype=torch.float64))
     if reduction == "none":
         return loss.reshape((logits.size(0), *logits.shape[2:]))
     return loss.sum() if reduction == "sum" else loss.sum() / denominator

@@ -94,7 +94,7 @@ def test_validation_without_gradients_and_unreduced_loss():
         got, want = fused(model, sample), plain(model, sample)
     assert not got[0].requires_grad and torch.allclose(got[0], want[0], rtol=1e-5)
     per_token, _, logs = fused(model, sample, reduce=False)
-    assert per_token.shape == (4 * 6,) and torch.allclose(per_token, plain(model, sample, reduce=False)[0],
+    assert per_token.shape == (4 * 6, 1) and torch.allclose(per_token, plain(model, sample, reduce=False)[0],
                                                           rtol=1e-5, atol=1e-6)
     assert torch.allclose(logs["nll_loss"], plain(model, sample, reduce=False)[2]["nll_loss"], rtol=1e-5, atol=1e-6)
 

@@ -128,7 +128,8 @@ def test_module_equals_function_and_all_ignored_is_nan():
 @pytest.mark.parametrize("kwargs,message", [
     ({"log_end": 1.5}, "log_end 1.5 is out of range: allowed 0 < LE <= 1"),
     ({"reduction": "avg"}, "reduction 'avg' is not known: allowed mean, sum, none"),
-    ({"label_smoothing": 1.0}, "label_smoothing 1.0 is out of range"),
+    ({"label_smoothing": 1.5}, "label_smoothing 1.5 is out of range: allowed 0 <= label_smoothing <= 1"),
+    ({"label_smoothing": -0.1}, "label_smoothing -0.1 is out of range"),
     ({"impl": "gpu"}, "impl 'gpu' is not known"),
     ({"bonus": "power", "bonus_gamma": 0.5}, "bonus_gamma 0.5 is out of range: allowed gamma >= 1"),
     ({"bonus_rho": -1.0}, "bonus_rho -1.0 is out of range"),

@@ -208,14 +208,23 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
             from ..loss.reference import encouraging_nll_loss
 
             loss, nll = encouraging_nll_loss(lprobs, target, self.eps, spec, self.padding_idx, reduce)
-            return loss, nll, {}
+            return (loss, nll, {}) if reduce else (*self._as_fairseq_unreduced(loss, nll), {})
         out = encouraging_loss(logits, target, self.eps, spec, ignore_index=self.padding_idx, reduce=False,
                                impl=self.el_impl, with_stats=self.log_diagnostics, check_spec=self.spec)
         loss, nll = out[:2]
         extra = summarize(out[2], nll, target, self.padding_idx) if self.log_diagnostics else {}
         if reduce:
             loss, nll = loss.sum(), nll.sum()
+        else:
+            loss, nll = self._as_fairseq_unreduced(loss, nll)
         return loss, nll, extra
+
+    def _as_fairseq_unreduced(self, loss, nll):
+        """Per-token (loss, nll) shaped as fairseq's label_smoothed_nll_loss returns them with reduce=False:
+        (tokens, 1) when there is a padding index (always, with a dictionary), else (tokens,)."""
+        if self.padding_idx is None:
+            return loss, nll
+        return loss.unsqueeze(-1), nll.unsqueeze(-1)
 
     def _fused_projection_forward(self, model, sample, reduce):
         """--el-fused-projection: the decoder's features and its output projection's weight (the shared
@@ -235,7 +244,7 @@ class EncouragingLossCriterion(_DiagnosticsMixin, LabelSmoothedCrossEntropyCrite
         extra = summarize(stats, nll, flat, self.padding_idx) if self.log_diagnostics else {}
         kept = flat.ne(self.padding_idx)
         accuracy = (((stats[:, 1] > 0) & kept).sum(), kept.sum())
-        nll = nll.sum() if reduce else nll
+        loss, nll = (loss, nll.sum()) if reduce else self._as_fairseq_unreduced(loss, nll)
         return (loss, *self._logging_output(model, None, sample, loss, nll, extra, accuracy))
 
     @staticmethod

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..loss.api import encouraging_loss
+from ..loss.reduction import mean_over_count
 
 IGNORE_INDEX = -100  # what Trainer counts in num_items_in_batch, and transformers' models ignore
 # Set here, by the num_items_in_batch rule and Trainer's count, not by the user; the projection's arguments
@@ -51,11 +52,11 @@ def shift_labels(labels):
 
 
 def normalise(loss_sum, num_items_in_batch, count):
-    """Sum / num_items_in_batch (Trainer's rule), or / the batch's own count of targets without it."""
+    """Sum / num_items_in_batch (Trainer's rule), or / the batch's own count of targets without it. A
+    divisor of 0 (nothing to count: every label -100) gives transformers' nan loss, with a zero gradient
+    (reduction.mean_over_count): the optimizer step leaves the parameters as they are."""
     divisor = count if num_items_in_batch is None else num_items_in_batch
-    if torch.is_tensor(divisor):
-        divisor = divisor.to(loss_sum.device)
-    return loss_sum / divisor
+    return mean_over_count(loss_sum, divisor)
 
 
 def trainer_loss(logits, labels, num_items_in_batch=None, *, causal_lm=False, **el_options):

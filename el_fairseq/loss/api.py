@@ -17,13 +17,20 @@ import re
 import torch
 import torch.nn.functional as F
 
+from . import autocast
 from .bonus import BonusSpec, EncouragingLossOptionError
 from .chunked import compute_dtype
 from .dispatch import IMPLS
 from .dispatch import encouraging_loss as _per_token
+from .reduction import mean_over_count
 from .reference import class_weighted_loss
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+class TorchRangeError(ValueError, RuntimeError):
+    """A value torch's cross-entropy refuses with RuntimeError: a ValueError here (as every bad option of
+    this package), and a RuntimeError, so that code written for torch catches it too."""
 
 
 def fairseq_epsilon(label_smoothing: float, num_classes: int) -> float:
@@ -40,8 +47,8 @@ def _python_names(err):
 def check_options(label_smoothing, reduction, impl):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r} is not known: allowed {', '.join(REDUCTIONS)}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing {label_smoothing!r} is out of range: allowed 0 <= label_smoothing < 1")
+    if not 0.0 <= label_smoothing <= 1.0:  # torch's range, and torch's exception type too (TorchRangeError)
+        raise TorchRangeError(f"label_smoothing {label_smoothing!r} is out of range: allowed 0 <= label_smoothing <= 1")
     if impl not in IMPLS:
         raise ValueError(f"impl {impl!r} is not known: allowed {', '.join(IMPLS)}")
 
@@ -69,7 +76,8 @@ def encouraging_loss(input, target, weight=None, ignore_index=-100, reduction="m
     so the bonus is weighted per class exactly like torch's cross-entropy term (for an index y:
     (1 - eps_b) w_y b(p_y) + eps_b / C sum_j w_j b(p_j)). "mean" divides the summed loss by sum w_y over
     the non-ignored targets (their count without weight); for probability targets by the number of rows
-    N * d1 * ..., as torch does (ignore_index does not apply to them). A smoothed one-hot as a probability
+    N * d1 * ..., as torch does (ignore_index does not apply to them: one >= 0 raises RuntimeError, as
+    torch's does). A smoothed one-hot as a probability
     target is the paper's bonus smoothing.
     log_end: LE in (0, 1]; the log bonus continues along its tangent beyond p = LE (1: plain log bonus).
     bonus: "log" (log(1 - p)), "power" (-p^gamma, gamma = bonus_gamma >= 1), "cosine" (cos(pi p) - 1).
@@ -102,8 +110,8 @@ def _check_weight(weight, num_classes=None):
 def check_targets(flat, num_classes, ignore_index, kept=None):
     """The class indices of `flat` other than ignore_index (the mask `kept` where the caller has it) lie
     in [0, num_classes): one min/max pass, one device sync."""
-    if ignore_index is not None:
-        flat = flat[flat.ne(ignore_index) if kept is None else kept]
+    if ignore_index is not None:  # ignored targets count as class 0; no boolean indexing (tensor subclasses, compile)
+        flat = flat.masked_fill(flat.eq(ignore_index) if kept is None else ~kept, 0)
     if flat.numel():
         low, high = (int(v) for v in torch.aminmax(flat))
         if low < 0 or high >= num_classes:
@@ -119,6 +127,10 @@ def _unfused(impl, what):
 
 
 def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl):
+    if autocast.active(input):  # as torch's autocast runs cross_entropy: in float32, a float32 loss
+        with autocast.suspended(input):
+            input, target, weight = autocast.float32(input, target, weight)
+            return _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl)
     if input.dim() == 1 and target.dim() in (0, 1):  # unbatched, as torch takes it: input (C,), target () or (C,)
         out = _loss(input.unsqueeze(0), target.unsqueeze(0), weight, ignore_index, reduction, label_smoothing, spec,
                     impl)
@@ -135,6 +147,9 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
         if not target.is_floating_point():
             raise ValueError(f"target shaped like input {tuple(input.shape)} holds class probabilities and must "
                              f"be floating point, got {target.dtype}")
+        if ignore_index >= 0:  # as torch: a negative one (the default -100) is unused, any other refused
+            raise TorchRangeError(f"ignore_index is not supported for floating point target (class probabilities), "
+                               f"got ignore_index={ignore_index}: allowed a negative value, as the default -100")
         _unfused(impl, "probability targets")
         probs = target if target.dim() == 2 else target.movedim(1, -1).reshape(-1, num_classes)
         loss = _plain_torch(logits, probs, weight, label_smoothing, spec)
@@ -168,8 +183,8 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
         return loss.to(input.dtype).reshape(rows_shape)
     if reduction == "sum":
         return loss.sum().to(input.dtype)
-    # like torch: the mean over non-ignored targets, weighted by w_y with weights (nan if none)
-    return (loss.sum() / count).to(input.dtype)
+    # like torch: the mean over non-ignored targets, weighted by w_y with weights (nan if none, zero gradient)
+    return mean_over_count(loss.sum(), count).to(input.dtype)
 
 
 def _plain_torch(logits, target, weight, label_smoothing, spec):

@@ -15,8 +15,10 @@ Computation is in float32 whatever the logits' dtype, so fp16/bf16 logits stay f
 """
 import torch
 
+from . import kernel_inputs
 from .bonus import BonusSpec, bonus_grad, bonus_value
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ~2^18 float32 = 1 MiB per temporary: a handful of them stay within a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 18
 
@@ -111,7 +113,10 @@ def _chunk_forward(z, y, epsilon, spec: BonusSpec):
 
 def forward(logits, target, epsilon, spec: BonusSpec, ignore_index=None, need_grad=True):
     """(loss, nll, stats, grad) from logits (N, V), chunk by chunk; padding rows stay zero.
-    Without need_grad, grad is None and only chunk-sized temporaries are allocated."""
+    Without need_grad, grad is None and only chunk-sized temporaries are allocated. Its outputs are
+    written by index: a tensor subclass or transform wrapper raises KernelInputError (plain torch ops
+    on the full logits, impl "reference", take those)."""
+    kernel_inputs.check("chunked", logits, target, DTYPES, None)  # torch ops: any device
     n_rows, vocab = logits.shape
     logits = logits.detach()
     work = compute_dtype(logits.dtype)

@@ -18,8 +18,9 @@ def token_stats_from_logits(logits, target, ignore_index=None):
     target = target.reshape(-1)
     safe = target.masked_fill(target.eq(ignore_index), 0) if ignore_index is not None else target
     z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
-    top2 = z.topk(2, dim=-1).values.float()
-    other = torch.where(top2[:, 0] <= z_y, top2[:, 1], top2[:, 0])
+    top2 = z.topk(min(2, z.size(-1)), dim=-1).values.float()
+    # one class: no other class, the margin is 0
+    other = torch.where(top2[:, 0] <= z_y, top2[:, -1], top2[:, 0]) if z.size(-1) > 1 else z_y
     stats = torch.stack([z_y, z_y - other], dim=-1)
     if ignore_index is not None:
         stats = stats.masked_fill(target.eq(ignore_index).unsqueeze(-1), 0.0)

@@ -22,7 +22,7 @@ from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
 from .fused import fused_encouraging_loss
 from .reference import encouraging_nll_loss
-from . import native, self_check, triton_kernel
+from . import kernel_inputs, native, self_check, triton_kernel
 
 IMPLS = ("auto", "reference", "chunked", "native", "triton")
 # Looked up at call time, so that a replaced module function (tests inject failures) is the one used.
@@ -42,8 +42,27 @@ def _warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def path_for(logits, impl):
-    """The implementation that will run for these logits ("auto" and fallbacks resolved)."""
+def fused_or_reference(impl, tensors, classes):
+    """`impl`, or "reference" where no fused kernel can take the tensors ({name: tensor or None}: a
+    DTensor, a FakeTensor, a torch.func wrapper, a sparse tensor) or `classes` < 2, for impl "auto" or
+    "reference"; a fused impl named explicitly refuses them in one line (KernelInputError)."""
+    unreadable = next((f"{name} {kernel_inputs.describe(t)}: the fused kernels read plain dense tensors"
+                       for name, t in tensors.items() if t is not None and not kernel_inputs.plain_dense(t)), "")
+    if not unreadable and classes < 2:
+        unreadable = f"{classes} class: the fused kernels take at least 2"
+    if not unreadable:
+        return impl
+    if impl in ("auto", "reference"):
+        return "reference"
+    raise kernel_inputs.KernelInputError(f"impl {impl!r} cannot take {unreadable}; impl='auto' or 'reference' "
+                                         f"computes it with plain torch ops")
+
+
+def path_for(logits, impl, target=None):
+    """The implementation that will run for these logits ("auto" and fallbacks resolved). Tensors no
+    kernel can read go to "reference", plain torch ops, which take them (fused_or_reference)."""
+    if fused_or_reference(impl, {"logits": logits, "target": target}, logits.size(-1)) == "reference":
+        return "reference"
     if impl == "triton" or (impl == "auto" and logits.is_cuda):
         # On CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
         runnable = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,12 +82,12 @@ def path_for(logits, impl):
     return impl
 
 
-def checked_path(logits, impl, epsilon, spec, ignore_index, check_spec=None):
+def checked_path(logits, impl, epsilon, spec, ignore_index, check_spec=None, target=None):
     """path_for, then the first-use self-check of a compiled kernel (chunked if it fails), with `spec`
     and `check_spec`: the options of the whole run where they differ from this call's (a bonus
     schedule starts at rho = 0; self_check.verify). The fused linear loss (linear.py) selects its
     per-chunk kernel here too."""
-    impl = path_for(logits, resolve_impl(impl))
+    impl = path_for(logits, resolve_impl(impl), target)
     if impl in ("native", "triton"):
         ok, reason = self_check.verify(impl, KERNELS[impl](), logits, epsilon, spec, ignore_index, check_spec)
         if not ok:
@@ -85,8 +104,8 @@ def _check_inputs(logits, target, epsilon):
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    if logits.size(-1) < 2:
-        raise ValueError(f"need at least 2 classes, got {logits.size(-1)}")
+    if logits.size(-1) < 1 or (logits.size(-1) == 1 and epsilon > 0.0):  # fairseq's smoothing: eps/(V-1) each
+        raise ValueError(f"need at least 1 class (2 with label smoothing), got {logits.size(-1)}")
     if not 0.0 <= epsilon < 1.0:
         raise EncouragingLossOptionError(f"--label-smoothing {epsilon!r} is out of range: allowed 0 <= eps < 1")
 
@@ -99,7 +118,7 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     check_spec: the run's configured options, for the first-use self-check (checked_path).
     """
     _check_inputs(logits, target, epsilon)
-    impl = checked_path(logits, impl, epsilon, spec, ignore_index, check_spec)
+    impl = checked_path(logits, impl, epsilon, spec, ignore_index, check_spec, target)
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
     if impl in ("chunked", "native", "triton"):

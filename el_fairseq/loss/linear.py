@@ -27,16 +27,19 @@ dtype once (fairseq's fp16 loss scale is applied before that rounding, as on the
 Chunk size: DEFAULT_CHUNK_BYTES (64 MiB) of float32 logits per chunk, C = 2^24 / V rows (524 rows at
 V = 32,000, 130 at V = 128,256); the kernel's gradient buffer is as large again.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
-from .api import (_check_weight, _loss as _logits_loss, _unfused, check_options, check_targets, fairseq_epsilon,
-                  make_spec)
+from . import autocast, dispatch
+from .api import (TorchRangeError, _check_weight, _loss as _logits_loss, _unfused, check_options, check_targets,
+                  fairseq_epsilon, make_spec)
 from .bonus import BonusSpec
 from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
 from .fused import refuse_double_backward
+from .reduction import mean_over_count
 from .reference import class_weighted_loss
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -47,33 +50,69 @@ def default_chunk_size(num_classes: int) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, num_classes)))
 
 
+class LinearInputError(TorchRangeError):
+    """An input, weight or target shape (or dtype) encouraging_linear_loss does not take, in one line: a
+    ValueError, as every argument check here, and a RuntimeError, what torch's linear_cross_entropy raises."""
+
+
+def target_shapes(input, weight):
+    """(class-index shape, probability shape) of the target of `input` and `linear_weight`: torch's
+    (N, d1, ..., dK) and (N, C, d1, ..., dK) for a K-dimensional weight (C, d1, ..., dK, D), else
+    (...) and (..., V) for input (..., D) (torch's (N,) / (N, V) and unbatched () / (V,) among them)."""
+    batch, out_features = tuple(input.shape[:-1]), tuple(weight.shape[1:-1])
+    if out_features:
+        return (*batch, *out_features), (*batch, weight.size(0), *out_features)
+    return batch, (*batch, weight.size(0))
+
+
+def _check_out_features(out_features):
+    """torch's out_features (d1, ..., dK) of a K-dimensional loss: positive ints; () for none."""
+    dims = tuple(out_features) if isinstance(out_features, (tuple, list, torch.Size)) else None
+    if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise ValueError(f"out_features {out_features!r} is not allowed: a tuple of positive ints (d1, ..., dK), "
+                         f"or () for none")
+    return dims
+
+
 def _check_shapes(input, weight, bias, target, chunk_size):
-    if input.dim() < 1 or weight.dim() != 2 or input.size(-1) != weight.size(1):
-        raise ValueError(f"input (..., D) and linear_weight (V, D) do not match: input {tuple(input.shape)}, "
-                         f"linear_weight {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.size(0),):
-        raise ValueError(f"linear_bias shape {tuple(bias.shape)} does not match linear_weight "
-                         f"{tuple(weight.shape)}: expected ({weight.size(0)},)")
-    probabilities = (*input.shape[:-1], weight.size(0))
+    if weight.dim() > 2:  # torch's K-dimensional loss: batched input only
+        if input.dim() != 2 or input.size(1) != weight.size(-1):
+            raise LinearInputError(f"linear_weight {tuple(weight.shape)} (C, d1, ..., dK, D), a K-dimensional loss, "
+                                   f"takes input (N, {weight.size(-1)}), got input {tuple(input.shape)}")
+    elif input.dim() < 1 or weight.dim() != 2 or input.size(-1) != weight.size(1):
+        raise LinearInputError(f"input (..., D) and linear_weight (V, D) do not match: input {tuple(input.shape)}, "
+                               f"linear_weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:-1]):
+        raise LinearInputError(f"linear_bias shape {tuple(bias.shape)} does not match linear_weight "
+                               f"{tuple(weight.shape)}: expected {tuple(weight.shape[:-1])}")
+    indices, probabilities = target_shapes(input, weight)
     if target.is_floating_point() and tuple(target.shape) == probabilities:
-        pass  # class probabilities (..., V), as torch takes them
-    elif tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target shape {tuple(target.shape)} does not match input {tuple(input.shape)}: "
-                         f"expected {tuple(input.shape[:-1])} (class indices) or {probabilities} (probabilities)")
+        pass  # class probabilities, as torch takes them
+    elif tuple(target.shape) != indices:
+        raise LinearInputError(f"target shape {tuple(target.shape)} does not match input {tuple(input.shape)} and "
+                               f"linear_weight {tuple(weight.shape)}: expected {indices} (class indices) or "
+                               f"{probabilities} (probabilities)")
     elif target.is_floating_point() or target.is_complex():
-        raise ValueError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+        raise LinearInputError(f"target must hold class indices (an integer dtype), got {target.dtype}")
     if not input.is_floating_point():
-        raise ValueError(f"input must be floating point, got {input.dtype}")
-    if weight.size(0) < 2:
-        raise ValueError(f"need at least 2 classes, got linear_weight {tuple(weight.shape)}")
+        raise LinearInputError(f"input must be floating point, got {input.dtype}")
+    if weight.size(0) < 1:
+        raise LinearInputError(f"need at least 1 class, got linear_weight {tuple(weight.shape)}")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size {chunk_size!r} is not allowed: a positive number of rows, or None")
 
 
 def _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs, row_scale=None):
     """One pass over the row chunks. Returns (loss, nll, stats, grads) with per-token loss/nll (N,),
-    stats (N, 2) and grads = [grad_x, grad_w, grad_b] in the compute dtype (None where not in
-    `needs`; all None when no gradient is wanted). row_scale (N,): multiplies each row's gradient."""
+    stats (N, 2) and grads = [grad_x, grad_w, grad_b, grad_target] in the compute dtype (None where not
+    in `needs`, the flags of the same four; grad_target, d loss_i / d target_i (N, V), is for probability
+    targets and a kernel that takes `target_grad_out`). row_scale (N,): multiplies each row's gradient."""
+    with autocast.suspended(x):  # every op here in `work` (float32/64), also inside torch.autocast
+        return _chunk_pass_in_work_dtype(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs,
+                                         row_scale)
+
+
+def _chunk_pass_in_work_dtype(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs, row_scale):
     n, vocab = x.size(0), w.size(0)
     work = compute_dtype(x.dtype)
     w_work = w.detach().to(work)
@@ -81,17 +120,21 @@ def _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, need
     loss = x.new_zeros(n, dtype=work)
     nll = torch.zeros_like(loss)
     stats = x.new_zeros(n, 2, dtype=torch.float32)
-    want = any(needs)
+    want = any(needs[:3])  # a gradient through the logits
     grad_x = x.new_empty(x.shape, dtype=work) if needs[0] else None
     grad_w = torch.zeros_like(w_work) if needs[1] else None
     grad_b = w_work.new_zeros(vocab) if needs[2] else None
+    grad_t = x.new_zeros(target.shape, dtype=work) if needs[3] else None
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         x_c = x[rows].detach().to(work)
         z = F.linear(x_c, w_work, b_work)
-        loss_c, nll_c, stats_c, g = kernel(z, target[rows], epsilon, spec, ignore_index, need_grad=want)
+        out = {} if grad_t is None else {"target_grad_out": grad_t[rows]}
+        loss_c, nll_c, stats_c, g = kernel(z, target[rows], epsilon, spec, ignore_index, need_grad=want, **out)
         del z
         loss[rows], nll[rows], stats[rows] = loss_c, nll_c, stats_c
+        if grad_t is not None and row_scale is not None:
+            grad_t[rows].mul_(row_scale[rows].to(work).unsqueeze(-1))
         if not want:
             continue
         if row_scale is not None:
@@ -103,7 +146,16 @@ def _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, need
         if grad_b is not None:
             grad_b.add_(g.sum(0))
         del g  # before the next chunk's logits: two (chunk, V) buffers at a time, not three
-    return loss, nll, stats, ([grad_x, grad_w, grad_b] if want else [None, None, None])
+    return loss, nll, stats, [grad_x, grad_w, grad_b, grad_t]
+
+
+NO_GRADIENT = (False, False, False, False)
+
+
+def _needs(ctx, bias):
+    """Which of (x, w, b, target) an autograd Function's backward must return a gradient for."""
+    wanted = ctx.needs_input_grad
+    return wanted[0], wanted[1], bias is not None and wanted[2], wanted[3]
 
 
 def _rounded(grads, like):
@@ -115,10 +167,10 @@ class _SummedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, target, epsilon, spec, ignore_index, kernel, step):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        loss, nll, stats, grads = _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs)
-        ctx.save_for_backward(*[g if g is not None else None for g in grads])
-        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
+        loss, nll, stats, grads = _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step,
+                                              _needs(ctx, b))
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None, target.dtype)
         ctx.used = False
         ctx.mark_non_differentiable(nll, stats)
         return loss.sum(), nll, stats
@@ -133,7 +185,7 @@ class _SummedLinearLoss(torch.autograd.Function):
         out = []
         for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             out.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 class _PerTokenLinearLoss(torch.autograd.Function):
@@ -141,8 +193,7 @@ class _PerTokenLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, target, epsilon, spec, ignore_index, kernel, step):
-        loss, nll, stats, _ = _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step,
-                                          (False, False, False))
+        loss, nll, stats, _ = _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, NO_GRADIENT)
         ctx.save_for_backward(x, w, b, target)
         ctx.options = (epsilon, spec, ignore_index, kernel, step)
         ctx.mark_non_differentiable(nll, stats)
@@ -152,9 +203,8 @@ class _PerTokenLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_nll, grad_stats):
         refuse_double_backward("encouraging_linear_loss's fused chunks")
         x, w, b, target = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        _, _, _, grads = _chunk_pass(x, w, b, target, *ctx.options, needs, row_scale=grad_loss)
-        return (*_rounded(grads, (x, w, b if b is not None else x)), None, None, None, None, None, None)
+        _, _, _, grads = _chunk_pass(x, w, b, target, *ctx.options, _needs(ctx, b), row_scale=grad_loss)
+        return (*_rounded(grads, (x, w, b if b is not None else x, target)), None, None, None, None, None)
 
 
 def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: BonusSpec, ignore_index=None,
@@ -168,6 +218,8 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
     _check_shapes(input, weight, bias, target, chunk_size)
     x = input.reshape(-1, input.size(-1))
     flat = target.reshape(-1)
+    tensors = {"input": input, "linear_weight": weight, "linear_bias": bias, "target": target}
+    impl = dispatch.fused_or_reference(impl, tensors, weight.size(0))
     if impl == "reference":
         loss, nll, stats = dispatch.encouraging_loss(F.linear(x, weight, bias), flat, epsilon, spec, ignore_index,
                                                      reduce=False, impl=impl, with_stats=True)
@@ -182,10 +234,11 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
 def _chunked(x, weight, bias, target, epsilon, spec, ignore_index, kernel, reduce, chunk_size):
     """(loss, nll, stats) over row chunks of x (N, D) with `kernel` (dispatch.KERNELS' interface)."""
     step = chunk_size or default_chunk_size(weight.size(0))
-    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                  for t in (x, weight, bias, target))
     if not grad_wanted:  # validation, torch.no_grad: the loss only, no gradient work
         loss, nll, stats, _ = _chunk_pass(x, weight, bias, target, epsilon, spec, ignore_index, kernel, step,
-                                          (False, False, False))
+                                          NO_GRADIENT)
         return (loss.sum() if reduce else loss), nll, stats
     function = _SummedLinearLoss if reduce else _PerTokenLinearLoss
     return function.apply(x, weight, bias, target, epsilon, spec, ignore_index, kernel, step)
@@ -196,19 +249,27 @@ def class_weighted_kernel(class_weight, label_smoothing):
     weights with label smoothing, and probability targets. reference.class_weighted_loss on the chunk's
     logits (torch's conventions, `epsilon` unused), its gradient by autograd: a few (chunk, V) temporaries,
     still never (N, V). nll: -sum_j t_j log p_j; stats: [z_y, margin] for class indices, zeros for
-    probabilities (no single target)."""
-    def kernel(z, target, epsilon, spec, ignore_index, need_grad=True):
+    probabilities (no single target). target_grad_out (chunk, V), for probabilities: receives
+    d loss_i / d t_ij = w_j [(1 - eps) (-log p_j) + rho (1 - eps_b) b(p_j)] (the loss is linear in t),
+    by autograd w.r.t. the chunk's target too."""
+    def kernel(z, target, epsilon, spec, ignore_index, need_grad=True, target_grad_out=None):
         soft = target.is_floating_point()
         kept = None if soft else target.ne(ignore_index)
-        safe = target.to(z.dtype) if soft else target.masked_fill(~kept, 0)
+        safe = target.detach().to(z.dtype) if soft else target.masked_fill(~kept, 0)
         w = None if class_weight is None else class_weight.to(device=z.device, dtype=z.dtype)
         with torch.enable_grad():
             z = z.detach().requires_grad_(need_grad)
+            if target_grad_out is not None:
+                safe = safe.detach().requires_grad_(True)
             lprobs = torch.log_softmax(z, dim=-1)
             loss = class_weighted_loss(lprobs, safe, w, label_smoothing, spec)
             if kept is not None:
                 loss = loss.masked_fill(~kept, 0.0)
-            grad = torch.autograd.grad(loss.sum(), z)[0] if need_grad else None
+            wrt = [t for t, wanted in ((z, need_grad), (safe, target_grad_out is not None)) if wanted]
+            grads = torch.autograd.grad(loss.sum(), wrt) if wrt else ()
+        grad = grads[0] if need_grad else None
+        if target_grad_out is not None:
+            target_grad_out.copy_(grads[-1])
         with torch.no_grad():
             if soft:
                 nll = class_weighted_loss(lprobs, safe, None, 0.0, BonusSpec(rho=0.0))
@@ -225,13 +286,23 @@ def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, w
                             label_smoothing=0.0, ignore_index=-100, reduction="mean", impl="auto",
                             chunk_size=None):
     """`encouraging_loss(F.linear(input, linear_weight, linear_bias), target, ...)` without the logits,
-    argument order of `torch.nn.functional.linear_cross_entropy`.
+    the arguments of `torch.nn.functional.linear_cross_entropy` (its `options`, a chunking strategy, is
+    `chunk_size` here), then the EL options.
 
     input (..., D), linear_weight (V, D), linear_bias (V,) or None, target (...) class indices or (..., V)
-    class probabilities; weight (V,): per-class weights, as encouraging_loss applies them. Without
-    label smoothing a weight scales the token's loss, w_y (CE + rho b(p_y)): the fused kernel's per-token
-    loss times w_y (its backward recomputes each chunk, as for "none"); with smoothing, and for
-    probability targets, each chunk runs class_weighted_kernel (plain torch) instead of a fused kernel.
+    class probabilities (torch's input (N, D) or unbatched (D,) among them; more leading dimensions, the
+    tokens of a (B, T, D) hidden state, are an extension). torch's K-dimensional loss: linear_weight
+    (C, d1, ..., dK, D) and linear_bias (C, d1, ..., dK) with input (N, D) give the logits
+    F.linear(input, W.reshape(-1, D), b.reshape(-1)).reshape(N, C, d1, ..., dK), the softmax over C at
+    each position, target (N, d1, ..., dK) or probabilities (N, C, d1, ..., dK): those, one class (V = 1),
+    and impl="reference" are computed from the full logits (encouraging_loss, plain torch), not in row
+    chunks. ignore_index: None (torch's default) is -100 for class indices; with probability targets only
+    None or the default -100 is allowed (another raises RuntimeError, as torch's does for any value).
+    weight (V,): per-class weights, as encouraging_loss applies them. Without label smoothing a weight
+    scales the token's loss, w_y (CE + rho b(p_y)): the fused kernel's per-token loss times w_y (its
+    backward recomputes each chunk, as for "none"); with smoothing, and for probability targets, each
+    chunk runs class_weighted_kernel (plain torch) instead of a fused kernel; a probability target that
+    requires grad gets d loss / d target from it, chunk by chunk.
     Every option is encouraging_loss's (api.py): log_end, bonus, bonus_rho, bonus_label_smoothing,
     bonus_gamma, bonus_start, label_smoothing, ignore_index, reduction ("mean" over non-ignored
     targets, "sum", "none": shape of target), impl (the per-chunk kernel: "auto", "native", "triton",
@@ -245,11 +316,47 @@ def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, w
                         reduction, impl, chunk_size, weight)
 
 
+def torch_ignore_index(ignore_index, probabilities):
+    """linear_cross_entropy's ignore_index: None is -100 for class indices; with probability targets only
+    None or our default -100 (torch's linear_cross_entropy refuses any value, F.cross_entropy one >= 0)."""
+    if probabilities and ignore_index not in (None, -100):
+        raise TorchRangeError(f"ignore_index cannot be specified when target contains probabilities, got "
+                           f"ignore_index={ignore_index}: allowed None or the default -100")
+    return -100 if ignore_index is None else ignore_index
+
+
+def _full_logits_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index, reduction,
+                      impl):
+    """encouraging_loss (api.py) of the whole logits, autograd through F.linear: torch's K-dimensional loss,
+    logits F.linear(input, W.reshape(-1, D), b.reshape(-1)).reshape(N, C, d1, ..., dK) (the softmax runs over C
+    at each position, across rows of W: not a row-chunk kernel's), one class, impl="reference". For input
+    (..., D) and W (V, D) the loss of the (M, V) rows of its M tokens, shaped like the target's tokens."""
+    classes, features = weight.size(0), weight.size(-1)
+    logits = F.linear(input, weight.reshape(-1, features), None if bias is None else bias.reshape(-1))
+    if weight.dim() > 2:
+        logits = logits.reshape(input.size(0), *weight.shape[:-1])
+        return _logits_loss(logits, target, class_weight, ignore_index, reduction, label_smoothing, spec, impl)
+    soft = target.is_floating_point()
+    flat = target.reshape(-1, classes) if soft else target.reshape(-1)
+    out = _logits_loss(logits.reshape(-1, classes), flat, class_weight, ignore_index, reduction, label_smoothing,
+                       spec, impl)
+    return out.reshape(target.shape[:-1] if soft else target.shape) if reduction == "none" else out
+
+
 def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_index, reduction, impl, chunk_size,
                  class_weight=None):
+    if autocast.active(input):  # as torch's autocast runs cross-entropy: logits and loss in float32
+        with autocast.suspended(input):
+            input, weight, bias, target, class_weight = autocast.float32(input, weight, bias, target, class_weight)
+            return _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_index, reduction, impl,
+                                chunk_size, class_weight)
     _check_shapes(input, weight, bias, target, chunk_size)
     class_weight = _check_weight(class_weight, weight.size(0))
     soft = target.is_floating_point()
+    ignore_index = torch_ignore_index(ignore_index, soft)
+    if impl == "reference" or weight.dim() > 2 or weight.size(0) == 1:
+        return _full_logits_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index,
+                                 reduction, impl)
     if class_weight is None and not soft:
         epsilon = fairseq_epsilon(label_smoothing, weight.size(0))
         loss, _, _ = fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec, ignore_index,
@@ -259,7 +366,8 @@ def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_inde
             return loss.reshape(target.shape)
         if reduction == "sum":
             return loss
-        return loss / target.ne(ignore_index).sum()  # like torch: the mean over non-ignored targets (nan if none)
+        # like torch: the mean over non-ignored targets (nan if none, with a zero gradient)
+        return mean_over_count(loss, target.ne(ignore_index).sum())
     return _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index,
                                  reduction, impl, chunk_size)
 
@@ -271,10 +379,6 @@ def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label
     rows_shape = target.shape[:-1] if soft else target.shape
     x = input.reshape(-1, input.size(-1))
     flat = target.reshape(-1, vocab) if soft else target.reshape(-1)
-    if impl == "reference":  # the full logits, plain torch (for tests)
-        out = _logits_loss(F.linear(x, weight, bias), flat, class_weight, ignore_index, reduction, label_smoothing,
-                           spec, impl)
-        return out.reshape(rows_shape) if reduction == "none" else out
     smoothed = label_smoothing > 0.0 or (spec.active and spec.epsilon > 0.0)
     reduce = reduction != "none"
     if soft or smoothed:
@@ -294,38 +398,48 @@ def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label
         kept = flat.ne(ignore_index)
         w_y = class_weight.to(loss.dtype)[flat.masked_fill(~kept, 0)]
         count = w_y.masked_fill(~kept, 0.0).sum()
-    out = loss.reshape(rows_shape) if reduction == "none" else loss if reduction == "sum" else loss / count
+    out = loss.reshape(rows_shape) if reduction == "none" else loss if reduction == "sum" else mean_over_count(loss, count)
     return out.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else out
 
 
 class EncouragingLinearLoss(torch.nn.Module):
     """`nn.LinearCrossEntropyLoss`-like module: owns the projection (self.linear, an nn.Linear
-    in_features -> num_classes) and returns the encouraging loss of its output without the logits.
+    in_features -> num_classes * prod(out_features)) and returns the encouraging loss of its output without
+    the logits.
 
         head = EncouragingLinearLoss(512, 32000, log_end=0.75)
         loss = head(hidden, target)            # hidden (..., 512), target (...)
 
-    Options as in encouraging_linear_loss (defaults of the authors' EncouragingLoss.py).
+    out_features (d1, ..., dK): torch's K-dimensional loss, self.linear's weight and bias read as
+    (C, d1, ..., dK, D) and (C, d1, ..., dK) (see encouraging_linear_loss). Options as in
+    encouraging_linear_loss (defaults of the authors' EncouragingLoss.py).
     """
 
-    def __init__(self, in_features, num_classes, *, bias=False, device=None, dtype=None, weight=None, log_end=0.75,
-                 reduction="mean", bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0, bonus_gamma=1.0,
-                 bonus_start=0.0, label_smoothing=0.0, ignore_index=-100, impl="auto", chunk_size=None):
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                 weight=None, log_end=0.75, reduction="mean", bonus="log", bonus_rho=1.0, bonus_label_smoothing=0.0,
+                 bonus_gamma=1.0, bonus_start=0.0, label_smoothing=0.0, ignore_index=-100, impl="auto",
+                 chunk_size=None):
         super().__init__()
         check_options(label_smoothing, reduction, impl)
         self.spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
-        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.num_classes, self.out_features = num_classes, _check_out_features(out_features)
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
         self.register_buffer("weight", _check_weight(weight, num_classes))  # class weights, as in torch
         self.label_smoothing, self.ignore_index, self.reduction = label_smoothing, ignore_index, reduction
         self.impl, self.chunk_size = impl, chunk_size
 
     def forward(self, input, target):
-        return _linear_loss(input, self.linear.weight, self.linear.bias, target, self.spec, self.label_smoothing,
-                            self.ignore_index, self.reduction, self.impl, self.chunk_size, self.weight)
+        shape = (self.num_classes, *self.out_features)
+        weight = self.linear.weight.reshape(*shape, self.linear.in_features)
+        bias = None if self.linear.bias is None else self.linear.bias.reshape(shape)
+        return _linear_loss(input, weight, bias, target, self.spec, self.label_smoothing, self.ignore_index,
+                            self.reduction, self.impl, self.chunk_size, self.weight)
 
     def extra_repr(self):
         s = self.spec
-        return (f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, "
-                f"bias={self.linear.bias is not None}, bonus={s.kind!r}, log_end={s.log_end}, bonus_rho={s.rho}, "
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, ignore_index={self.ignore_index}, "
+                f"bonus={s.kind!r}, log_end={s.log_end}, bonus_rho={s.rho}, "
                 f"bonus_label_smoothing={s.epsilon}, label_smoothing={self.label_smoothing}, "
                 f"reduction={self.reduction!r}, impl={self.impl!r}, chunk_size={self.chunk_size}")

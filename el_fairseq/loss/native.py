@@ -17,6 +17,7 @@ import threading
 
 import torch
 
+from . import kernel_inputs
 from .bonus import BonusSpec, _scalar_bonus
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel.c")
@@ -124,13 +125,17 @@ def error():
 
 
 def supports(logits):
-    return logits.device.type == "cpu" and logits.dtype == torch.float32
+    """float32 logits on the CPU, in a plain dense tensor (kernel_inputs.plain_dense): what the C code reads."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and kernel_inputs.plain_dense(logits)
 
 
 def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, need_grad=True):
     """(loss, nll, stats, grad) for float32 CPU logits (N, V); grad is (N, V) float32, or None
-    without need_grad (then no N x V buffer is allocated)."""
+    without need_grad (then no N x V buffer is allocated). Anything else raises KernelInputError."""
+    kernel_inputs.check("native", logits, target, (torch.float32,), ("cpu",))
     lib = load()
+    if lib is None:
+        raise RuntimeError(f"el_fairseq native kernel unavailable: {error()}")
     logits = logits.detach().contiguous()
     target = target.contiguous().to(torch.int64)
     n, vocab = logits.shape
@@ -143,6 +148,7 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, need_grad=Tr
     stats = torch.empty(n, 2, dtype=torch.float32)
     grad = torch.empty_like(logits) if need_grad else None
     b_start = _scalar_bonus(spec.start, spec) if spec.start > 0 else 0.0
+    _check_buffers(n, vocab, logits, target, loss, nll, stats, grad)
     failed = lib.el_forward(
         logits.data_ptr(), target.data_ptr(), n, vocab, -1 if ignore_index is None else int(ignore_index),
         int(ignore_index is not None), float(epsilon), int(epsilon > 0.0), float(spec.epsilon), float(spec.rho),
@@ -154,3 +160,18 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, need_grad=Tr
         raise MemoryError("el_fairseq native kernel: could not allocate its scratch row")
     return loss, nll, stats, grad
 
+
+def _check_buffers(n, vocab, logits, target, loss, nll, stats, grad):
+    """The last gate before C: every buffer it reads or writes is a plain contiguous CPU tensor of the
+    dtype and of the size that the call tells it (n rows of vocab classes)."""
+    expected = [("logits", logits, torch.float32, (n, vocab)), ("target", target, torch.int64, (n,)),
+                ("loss", loss, torch.float32, (n,)), ("nll", nll, torch.float32, (n,)),
+                ("stats", stats, torch.float32, (n, 2))]
+    if grad is not None:
+        expected.append(("grad", grad, torch.float32, (n, vocab)))
+    for name, tensor, dtype, shape in expected:
+        if not (kernel_inputs.plain_dense(tensor) and tensor.device.type == "cpu" and tensor.dtype == dtype
+                and tuple(tensor.shape) == shape and tensor.is_contiguous() and (tensor.data_ptr() or not n)):
+            raise kernel_inputs.KernelInputError(f"the native kernel cannot take {name} "
+                                                 f"{kernel_inputs.describe(tensor)}: allowed a contiguous "
+                                                 f"{dtype} {shape} CPU tensor")

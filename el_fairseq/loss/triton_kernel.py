@@ -15,6 +15,7 @@ Tested here with Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors; `avai
 where triton is not installed, and the dispatcher then uses the chunked torch path.
 """
 import math
+import os
 
 import torch
 
@@ -24,10 +25,12 @@ try:  # GPU imports guarded: the plugin works without triton
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
+from . import kernel_inputs
 from .bonus import BonusSpec, _scalar_bonus
 from .chunked import gradient_dtype
 
 KINDS = {"log": 0, "power": 1, "cosine": 2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the logits it reads; computed in float32
 FLOOR = 1e-5
 
 
@@ -166,7 +169,11 @@ if triton is not None:
 
 def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None, need_grad=True):
     """(loss, nll, stats, grad) from logits (N, V) of any float dtype; grad in the logits' dtype,
-    None without need_grad (the kernel then skips its gradient pass and no N x V buffer exists)."""
+    None without need_grad (the kernel then skips its gradient pass and no N x V buffer exists).
+    Anything else (another dtype, a tensor subclass, CPU tensors outside Triton's interpreter) raises
+    KernelInputError before a pointer is taken."""
+    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    kernel_inputs.check("triton", logits, target, DTYPES, devices)
     logits = logits.detach()
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

@@ -1,0 +1,53 @@
+"""The boundary of every kernel entry (native C, Triton, chunked): what it is handed is checked there, so
+that no buffer reaches a kernel in a dtype, layout, size, device or tensor type it does not handle.
+
+A kernel reads raw memory (the native one through `data_ptr()`, the Triton one through pointers) or
+allocates its outputs as plain tensors and writes them by index: it needs a plain dense tensor. A tensor
+subclass (a DTensor, whose `data_ptr()` is 0; a FakeTensor under torch.compile), a tensor wrapped by a
+torch.func transform, a functional tensor or a sparse one is not that, although plain torch ops take
+it: the dispatcher (`impl="auto"`) sends such tensors to the plain-torch reference, and a kernel named
+explicitly refuses them in one line.
+"""
+import torch
+
+
+class KernelInputError(ValueError):
+    """A kernel was handed a tensor it cannot read (one line: which tensor, what it is, what is allowed)."""
+
+
+def _wrapped(tensor):
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and functorch.is_functorch_wrapped_tensor(tensor):
+        return True
+    return torch._is_functional_tensor(tensor)
+
+
+def plain_dense(tensor) -> bool:
+    """A plain strided tensor with real storage: not a subclass, a transform's wrapper, sparse or on meta."""
+    return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
+            and not tensor.is_meta and not _wrapped(tensor))
+
+
+def describe(tensor) -> str:
+    kind = type(tensor).__name__
+    wrapped = " (wrapped by a torch.func transform or functionalization)" if _wrapped(tensor) else ""
+    return f"{kind}{wrapped} {tensor.dtype} {tuple(tensor.shape)} on {tensor.device.type}, layout {tensor.layout}"
+
+
+def check(kernel, logits, target, dtypes, devices, contiguous=False):
+    """Raise KernelInputError unless `logits` is a plain dense (N, V) tensor of one of `dtypes` on one of
+    `devices` (None: any; contiguous when asked), with V >= 2 classes (the kernels take the top two logits), and
+    `target` a plain integer tensor (N,) on the same device."""
+    def refuse(name, tensor, allowed):
+        raise KernelInputError(f"the {kernel} kernel cannot take {name} {describe(tensor)}: allowed {allowed}")
+
+    allowed = (f"a plain dense{' contiguous' if contiguous else ''} (N, V >= 2) tensor of "
+               f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)} on {'/'.join(devices or ['any device'])}")
+    if not torch.is_tensor(logits) or not plain_dense(logits) or logits.dim() != 2 or logits.size(1) < 2 \
+            or logits.dtype not in dtypes \
+            or (devices is not None and logits.device.type not in devices) or (contiguous and not logits.is_contiguous()):
+        refuse("logits", logits, allowed)
+    if not torch.is_tensor(target) or not plain_dense(target) or tuple(target.shape) != (logits.size(0),) \
+            or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool \
+            or target.device != logits.device:
+        refuse("target", target, f"a plain integer tensor ({logits.size(0)},) on {logits.device}")
