@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from el_fairseq import encouraging_linear_loss
 from el_fairseq import encouraging_loss as public_loss
 from el_fairseq.loss import dispatch, self_check
 from el_fairseq.loss.bonus import BonusSpec
@@ -55,3 +56,25 @@ def test_no_grad_allocates_no_gradient():
     # a gradient of the logits' size would be 2048 x 10000 x 4 bytes = 78 MiB
     assert torch.cuda.max_memory_allocated() - base < z.numel() * z.element_size() // 4
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_autocast_as_torchs_cross_entropy(dtype, reduction):
+    """Under CUDA autocast (issue 25): the Triton path (logits in) and the fused linear loss return a
+    float32 loss equal to torch's autocast cross-entropy within 16-bit tolerances, gradients finite."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 64, generator=g).cuda().requires_grad_(True)
+    w = (torch.randn(5003, 64, generator=g) * 0.3).cuda().requires_grad_(True)
+    y = torch.randint(0, 5003, (300,), generator=g).cuda()
+    y[:7] = -100
+    with torch.autocast("cuda", dtype=dtype):
+        z = F.linear(x, w)
+        want = F.cross_entropy(z, y, reduction=reduction)
+        got = public_loss(z, y, reduction=reduction, bonus_rho=0.0)
+        fused = encouraging_linear_loss(x, w, y, reduction=reduction, bonus_rho=0.0)
+    assert got.dtype == fused.dtype == want.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused, want, rtol=2e-2, atol=2e-2)
+    (got.sum() + fused.sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()

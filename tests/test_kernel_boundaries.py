@@ -60,9 +60,11 @@ def test_logits_entry_takes_or_refuses_every_tensor(impl):
     assert_outcomes(cases, LOGITS_REFUSED)
 
 
-@pytest.mark.parametrize("impl", ["auto", "native", "chunked"])
+@pytest.mark.parametrize("impl", ["auto", "native", "chunked", "triton"])
 def test_linear_entry_takes_or_refuses_every_tensor(impl):
-    cases = run_group(f"linear-{impl}")
+    if impl == "triton" and not TRITON:
+        pytest.skip("triton is not installed")
+    cases = run_group(f"linear-{impl}", triton=impl == "triton")
     assert len(cases) == 8
     assert_outcomes(cases, LINEAR_REFUSED)
 
