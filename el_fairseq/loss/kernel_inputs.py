@@ -34,18 +34,19 @@ def describe(tensor) -> str:
     return f"{kind}{wrapped} {tensor.dtype} {tuple(tensor.shape)} on {tensor.device.type}, layout {tensor.layout}"
 
 
-def check(kernel, logits, target, dtypes, devices, contiguous=False):
+def check(kernel, logits, target, dtypes, devices):
     """Raise KernelInputError unless `logits` is a plain dense (N, V) tensor of one of `dtypes` on one of
-    `devices` (None: any; contiguous when asked), with V >= 2 classes (the kernels take the top two logits), and
-    `target` a plain integer tensor (N,) on the same device."""
+    `devices` (None: any), with V >= 2 classes (the kernels take the top two logits), and `target` a plain
+    integer tensor (N,) on the same device. (Strides are each kernel's own business: the native one copies
+    to contiguous memory and checks that again before its C call, the Triton one takes a row stride.)"""
     def refuse(name, tensor, allowed):
         raise KernelInputError(f"the {kernel} kernel cannot take {name} {describe(tensor)}: allowed {allowed}")
 
-    allowed = (f"a plain dense{' contiguous' if contiguous else ''} (N, V >= 2) tensor of "
+    allowed = (f"a plain dense (N, V >= 2) tensor of "
                f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)} on {'/'.join(devices or ['any device'])}")
     if not torch.is_tensor(logits) or not plain_dense(logits) or logits.dim() != 2 or logits.size(1) < 2 \
             or logits.dtype not in dtypes \
-            or (devices is not None and logits.device.type not in devices) or (contiguous and not logits.is_contiguous()):
+            or (devices is not None and logits.device.type not in devices):
         refuse("logits", logits, allowed)
     if not torch.is_tensor(target) or not plain_dense(target) or tuple(target.shape) != (logits.size(0),) \
             or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool \
