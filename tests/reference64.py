@@ -6,6 +6,7 @@ implementations under test must agree with it.
 import math
 
 import torch
+import torch.nn.functional as F
 
 FLOOR = 1e-5
 
@@ -62,13 +63,17 @@ def torch_el_loss64(logits, target, weight=None, ignore_index=-100, reduction="m
                     rho=1.0, eps_b=0.0, kind="log", log_end=0.75, gamma=1.0, start=0.0):
     """F.cross_entropy's conventions + rho * bonus, float64, all rows at once.
 
-    logits (N, C, d...); target class indices (N, d...) or probabilities shaped like logits; w the class
-    weights (ones if None). Per row, with t the one-hot of y (or the row's probabilities):
+    logits (N, C, d...) or unbatched (C,); target class indices (N, d...) (or ()) or probabilities shaped like
+    logits; w the class weights (ones if None). Per row, with t the one-hot of y (or the row's probabilities):
         q = (1 - eps) t + eps / C,  qb = (1 - eps_b) t + eps_b / C,
         loss = sum_j w_j (q_j * -log p_j + rho * qb_j * b(p_j)).
     An ignored row (y == ignore_index, class indices only) costs 0.
     mean: sum / sum of w_y over non-ignored rows (class indices), sum / rows (probabilities).
     """
+    if logits.dim() == 1:
+        loss = torch_el_loss64(logits.unsqueeze(0), target.unsqueeze(0), weight, ignore_index, reduction,
+                               label_smoothing, rho, eps_b, kind, log_end, gamma, start)
+        return loss.squeeze(0) if reduction == "none" else loss
     C = logits.size(1)
     z = logits.double().movedim(1, -1).reshape(-1, C)
     w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
@@ -90,3 +95,11 @@ def torch_el_loss64(logits, target, weight=None, ignore_index=-100, reduction="m
     if reduction == "none":
         return loss.reshape((logits.size(0), *logits.shape[2:]))
     return loss.sum() if reduction == "sum" else loss.sum() / denominator
+
+
+def linear_logits64(input, linear_weight, linear_bias=None):
+    """torch's linear_cross_entropy logits, float64: F.linear with the weight (C, d1, ..., dK, D) read as
+    (C * d1 * ... * dK, D), reshaped to (*batch, C, d1, ..., dK) (torch's linear_cross_entropy_loss_reference)."""
+    w = linear_weight.double()
+    b = None if linear_bias is None else linear_bias.double().reshape(-1)
+    return F.linear(input.double(), w.reshape(-1, w.size(-1)), b).reshape(*input.shape[:-1], *w.shape[:-1])

@@ -149,7 +149,7 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
                              f"be floating point, got {target.dtype}")
         if ignore_index >= 0:  # as torch: a negative one (the default -100) is unused, any other refused
             raise TorchRangeError(f"ignore_index is not supported for floating point target (class probabilities), "
-                               f"got ignore_index={ignore_index}: allowed a negative value, as the default -100")
+                                  f"got ignore_index={ignore_index}: allowed a negative value, as the default -100")
         _unfused(impl, "probability targets")
         probs = target if target.dim() == 2 else target.movedim(1, -1).reshape(-1, num_classes)
         loss = _plain_torch(logits, probs, weight, label_smoothing, spec)

@@ -17,7 +17,12 @@ logits path does; a second backward raises). For reduction "none" the upstream g
 per token, which cannot be applied to the accumulated grad_W afterwards: the forward computes the
 loss only and the backward recomputes each chunk's logits and kernel gradient, scales its rows by
 grad_output and accumulates (one more matmul per chunk, still no (N, V) buffer). Under torch.no_grad
-(or when nothing requires a gradient) only the loss is computed.
+(or when nothing requires a gradient) only the loss is computed. A probability target that requires
+grad gets grad_t_c = dL/dt_c from the same chunk pass (class_weighted_kernel).
+
+Not chunked (the full logits, plain torch, `_full_logits_loss`): torch's K-dimensional loss, weight
+(C, d1, ..., dK, D), whose softmax runs over C at each position, across rows of W; one class; and
+impl="reference".
 
 Precision: every chunk is computed in float32 (float64 stays float64): 16-bit weights are upcast once
 per call (a V x D float32 copy, the size of the float32 weight-gradient accumulator); the gradients
@@ -316,12 +321,12 @@ def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, w
                         reduction, impl, chunk_size, weight)
 
 
-def torch_ignore_index(ignore_index, probabilities):
+def _torch_ignore_index(ignore_index, probabilities):
     """linear_cross_entropy's ignore_index: None is -100 for class indices; with probability targets only
     None or our default -100 (torch's linear_cross_entropy refuses any value, F.cross_entropy one >= 0)."""
     if probabilities and ignore_index not in (None, -100):
         raise TorchRangeError(f"ignore_index cannot be specified when target contains probabilities, got "
-                           f"ignore_index={ignore_index}: allowed None or the default -100")
+                              f"ignore_index={ignore_index}: allowed None or the default -100")
     return -100 if ignore_index is None else ignore_index
 
 
@@ -353,7 +358,7 @@ def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_inde
     _check_shapes(input, weight, bias, target, chunk_size)
     class_weight = _check_weight(class_weight, weight.size(0))
     soft = target.is_floating_point()
-    ignore_index = torch_ignore_index(ignore_index, soft)
+    ignore_index = _torch_ignore_index(ignore_index, soft)
     if impl == "reference" or weight.dim() > 2 or weight.size(0) == 1:
         return _full_logits_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index,
                                  reduction, impl)
@@ -398,7 +403,10 @@ def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label
         kept = flat.ne(ignore_index)
         w_y = class_weight.to(loss.dtype)[flat.masked_fill(~kept, 0)]
         count = w_y.masked_fill(~kept, 0.0).sum()
-    out = loss.reshape(rows_shape) if reduction == "none" else loss if reduction == "sum" else mean_over_count(loss, count)
+    if reduction == "none":
+        out = loss.reshape(rows_shape)
+    else:
+        out = loss if reduction == "sum" else mean_over_count(loss, count)
     return out.to(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else out
 
 
@@ -439,7 +447,7 @@ class EncouragingLinearLoss(torch.nn.Module):
     def extra_repr(self):
         s = self.spec
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-                f"out_features={self.out_features}, bias={self.linear.bias is not None}, ignore_index={self.ignore_index}, "
-                f"bonus={s.kind!r}, log_end={s.log_end}, bonus_rho={s.rho}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"ignore_index={self.ignore_index}, bonus={s.kind!r}, log_end={s.log_end}, bonus_rho={s.rho}, "
                 f"bonus_label_smoothing={s.epsilon}, label_smoothing={self.label_smoothing}, "
                 f"reduction={self.reduction!r}, impl={self.impl!r}, chunk_size={self.chunk_size}")
