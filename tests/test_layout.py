@@ -76,3 +76,23 @@ def test_fairseq_plugin_import_loads_no_pipeline_module():
             "print(sorted(m for m in sys.modules if m.startswith('el_fairseq.pipeline')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_parallel_package_sits_above_the_loss_package():
+    """el_fairseq.parallel imports the loss package; no loss module imports it (function bodies included):
+    api.py alone names it, in its DTensor hook, imported by name once a DTensor exists."""
+    assert {"el_fairseq.loss.api", "el_fairseq.loss.bonus"} <= GRAPH["el_fairseq.parallel.vocab_parallel"]
+    for name, deps in GRAPH.items():
+        if name.startswith("el_fairseq.loss"):
+            assert not {d for d in deps if d.startswith("el_fairseq.parallel")}, name
+    naming = sorted(name for name, path in MODULES.items() if name.startswith("el_fairseq.loss")
+                    and "el_fairseq.parallel" in open(path, encoding="utf-8").read())
+    assert naming == ["el_fairseq.loss.api"]
+
+
+def test_the_plain_loss_loads_no_parallel_module():
+    code = ("import sys, torch, el_fairseq; el_fairseq.encouraging_loss(torch.randn(3, 5), torch.tensor([0, 1, 2])); "
+            "print(sorted(m for m in sys.modules if m.startswith('el_fairseq.parallel') "
+            "or m == 'torch.distributed.tensor'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -12,7 +12,9 @@ fairseq's criterion puts its smoothing mass eps on the other V - 1 classes inste
 Both are `w_nll * -log p_y + u * sum_j -log p_j` with u = (1 - w_nll) / V: torch's eps is fairseq's
 eps * V / (V - 1) (`fairseq_epsilon`), so both conventions run through the same kernels.
 """
+import importlib
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +90,9 @@ def encouraging_loss(input, target, weight=None, ignore_index=-100, reduction="m
     ops elsewhere; "reference" for float64 logits, probability targets and weights with label smoothing),
     "native", "triton", "chunked" (fused: loss and gradient in one pass, once differentiable, class
     indices; weight only without label smoothing) or "reference" (plain torch, autograd: double backward,
-    gradcheck). A value out of range raises ValueError naming it.
+    gradcheck). DTensor logits sharded on the classes (Shard(1), a 1-D mesh) run the vocabulary-parallel loss
+    under "auto" (el_fairseq.parallel: no logits gathered), plain torch on the gathered logits under "reference".
+    A value out of range raises ValueError naming it.
     """
     check_options(label_smoothing, reduction, impl)
     spec = make_spec(bonus, log_end, bonus_gamma, bonus_start, bonus_label_smoothing, bonus_rho)
@@ -135,6 +139,9 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
         out = _loss(input.unsqueeze(0), target.unsqueeze(0), weight, ignore_index, reduction, label_smoothing, spec,
                     impl)
         return out.squeeze(0) if reduction == "none" else out
+    sharded = _class_sharded(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl)
+    if sharded is not None:
+        return sharded
     if input.dim() < 2:
         raise ValueError(f"input must be (C,), (N, C) or (N, C, d1, ...), got shape {tuple(input.shape)}")
     num_classes = input.size(1)
@@ -185,6 +192,17 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
         return loss.sum().to(input.dtype)
     # like torch: the mean over non-ignored targets, weighted by w_y with weights (nan if none, zero gradient)
     return mean_over_count(loss.sum(), count).to(input.dtype)
+
+
+def _class_sharded(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl):
+    """impl "auto" on DTensor logits sharded on the class dimension: the vocabulary-parallel loss (a Replicate
+    DTensor; el_fairseq/parallel/dtensor.py), else None. That package sits above this one (it imports these
+    checks), so the hook is imported by name, and only once a DTensor exists: no torch.distributed otherwise."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if impl != "auto" or dtensor is None or not isinstance(input, dtensor.DTensor):
+        return None
+    hook = importlib.import_module("el_fairseq.parallel.dtensor").class_sharded_loss
+    return hook(input, target, weight, ignore_index, reduction, label_smoothing, spec)
 
 
 def _plain_torch(logits, target, weight, label_smoothing, spec):
