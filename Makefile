@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.el-fairseq-installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test demo bench bench-compare gpu-check clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: install
 bench: install
 	$(PY) -m benchmarks.loss_benchmark
 	$(PY) -m benchmarks.linear_benchmark
+	$(PY) -m benchmarks.vocab_parallel_benchmark
+
+# Is a change slower? The same two benchmarks for BASE (a revision) and this tree, alternating, in one run.
+bench-compare: install
+	$(PY) -m benchmarks.compare_revisions --base $(or $(BASE),$(error set BASE=<revision>, e.g. make bench-compare BASE=HEAD~1))
 
 # On a machine with a CUDA GPU: its own CUDA torch (a venv that sees the system's packages; install.sh keeps
 # an importable torch), then CUDA tests, the loss benchmark on the GPU and a short fp16 CE/EL training.
