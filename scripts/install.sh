@@ -6,6 +6,8 @@
 # fairseq-fixed==0.12.3.1 (built from source, ~3 min) on other Pythons. Both declare torchaudio,
 # which pins a torch that would pull a multi-GB CUDA build: fairseq goes in with --no-deps and its
 # real runtime needs come from requirements.txt.
+# torchtitan (el_fairseq.torchtitan, optional): also --no-deps, as its datasets<4.8 pin would take a
+# huggingface_hub that transformers 5 refuses; its runtime needs are in requirements.txt.
 # torch: an importable torch is kept as it is; otherwise torch==2.13.0 (a CPU wheel on this kind of
 # machine; set TORCH_SPEC to choose another, e.g. a CUDA build on a GPU box).
 set -euo pipefail
@@ -32,6 +34,10 @@ if ! "$VPY" -c 'import fairseq' 2>/dev/null; then
   if [ "$minor" = 11 ] || [ "$minor" = 12 ]; then spec=ve-fairseq==0.12.3; else spec=fairseq-fixed==0.12.3.1; fi
   echo "[install] fairseq: $spec (--no-deps)"
   pip_i --no-deps "$spec"
+fi
+if ! "$VPY" -c 'import torchtitan' 2>/dev/null; then
+  echo "[install] torchtitan==0.3.0 (--no-deps)"
+  pip_i --no-deps torchtitan==0.3.0
 fi
 echo "[install] el-fairseq (editable)"
 pip_i --no-deps --no-build-isolation -e .

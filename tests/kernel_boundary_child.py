@@ -144,9 +144,17 @@ def dtensor_cases():
         want = torch_el_loss64(F.linear(x, w), t)
         dx = distribute_tensor(x.float(), mesh, [Replicate()])
         dw = distribute_tensor(w.float(), mesh, [Shard(0)])  # a vocabulary-parallel projection
-        for impl in ("auto", "native", "chunked"):
-            run(f"dtensor-linear-{impl}", lambda: check_value(
-                encouraging_linear_loss(dx, dw, dt, impl=impl).full_tensor(), want, 1e-5))
+        for impl in ("auto", "reference", "native", "chunked"):
+            def linear_loss():  # "auto": the vocabulary-parallel linear loss; "reference": plain torch, gathered
+                xs, ws = dx.detach().requires_grad_(True), dw.detach().requires_grad_(True)
+                loss = encouraging_linear_loss(xs, ws, dt, impl=impl)
+                check_value(loss.full_tensor(), want, 1e-5)
+                loss.backward()
+                if impl == "auto":
+                    assert loss.placements == (Replicate(),), loss.placements
+                    assert xs.grad.placements == (Replicate(),) and ws.grad.placements == (Shard(0),)
+                assert bool(torch.isfinite(xs.grad.full_tensor()).all() and torch.isfinite(ws.grad.full_tensor()).all())
+            run(f"dtensor-linear-{impl}", linear_loss)
     finally:
         dist.destroy_process_group()
 

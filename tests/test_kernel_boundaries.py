@@ -81,12 +81,13 @@ def test_each_kernel_refuses_what_it_cannot_read_in_one_line():
 
 def test_dtensor_logits_and_projection_go_to_plain_torch_or_are_refused():
     """A tensor-parallel head's DTensor logits (Shard on the classes) and a vocabulary-parallel projection:
-    impl='auto' computes them (the logits with the vocabulary-parallel loss, the projection with plain torch
-    ops; value and gradient), as impl='reference' does with plain torch ops; a fused impl refuses in one line.
+    impl='auto' computes them (the logits with the vocabulary-parallel loss, the projection with the
+    vocabulary-parallel linear loss: a Replicate loss, Replicate input and Shard(0) weight gradients), as
+    impl='reference' does with plain torch ops; a fused impl refuses in one line.
     A plain target beside DTensor logits: the vocabulary-parallel loss takes it, as torch's loss_parallel()
     does; under impl='reference' it is torch's own refusal, as for F.cross_entropy outside loss_parallel()."""
     cases = run_group("dtensor", free_port())
-    assert len(cases) == 11
+    assert len(cases) == 12
     for name, outcome in cases.items():
         if name == "dtensor-logits-plain-target-reference":
             assert outcome.startswith("refused RuntimeError: aten.gather.default got mixed torch.Tensor and DTensor")

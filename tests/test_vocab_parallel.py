@@ -25,17 +25,18 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def run_group(world):
-    """Start the `world` ranks, wait for all of them (killing every one past LIMIT_S), return their outputs."""
+def run_group(world, script="vocab_parallel_child.py", limit_s=LIMIT_S):
+    """Start the `world` ranks of `script`, wait for all of them (killing every one past limit_s), return their
+    outputs."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "vocab_parallel_child.py"), str(world), str(rank),
-                               port], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, script), str(world), str(rank), port],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for rank in range(world)]
     outputs = []
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=LIMIT_S)
+            out, err = proc.communicate(timeout=limit_s)
             outputs.append((proc.returncode, out, err))
     finally:
         for proc in procs:
@@ -45,13 +46,17 @@ def run_group(world):
     return outputs
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_rank_equals_the_loss_of_the_gathered_logits(world):
-    outputs = run_group(world)
+def assert_every_case_ok(outputs, cases):
+    """Every rank ran `cases` cases, all "ok", and ended with "all cases ran"."""
     for rank, (code, out, err) in enumerate(outputs):
         lines = [line.split(" ", 3)[1:] for line in out.splitlines() if line.startswith("CASE ")]
         failed = [" ".join(line)[:300] for line in lines if line[2] != "ok"]
         assert code == 0 and "all cases ran" in out and not failed, (
-            f"rank {rank} of {world} ended with {code}; failed: {failed[:8]}\n{out[-1500:]}\n{err[-3000:]}")
+            f"rank {rank} of {len(outputs)} ended with {code}; failed: {failed[:8]}\n{out[-1500:]}\n{err[-3000:]}")
         assert {int(r) for r, _, _ in lines} == {rank}
-        assert len(lines) == CASES + (world > 1), [name for _, name, _ in lines]
+        assert len(lines) == cases, [name for _, name, _ in lines]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_rank_equals_the_loss_of_the_gathered_logits(world):
+    assert_every_case_ok(run_group(world), CASES + (world > 1))

@@ -329,17 +329,18 @@ def dtensor_cases(me):
                                                       placement=Replicate(), counts=None, impl="reference"))
 
 
-def main():
+def run_rank(rank_class, *case_groups):
+    """Join the gloo group of argv (world rank port), run each group of cases on a rank_class(world, rank), then
+    print "all cases ran"."""
     world, rank, port = (int(a) for a in sys.argv[1:4])
     watch_parent()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        me = Rank(world, rank)
-        value_cases(me)
-        error_cases(me)
-        dtensor_cases(me)
+        me = rank_class(world, rank)
+        for cases in case_groups:
+            cases(me)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -347,4 +348,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(Rank, value_cases, error_cases, dtensor_cases)

@@ -16,7 +16,17 @@ Without labels it is the model's own forward. The sum and its normaliser follow 
 (el_fairseq.hf.loss); Trainer passes num_items_in_batch because the new forward accepts it.
 Models whose logits are not a plain projection of the last hidden state are refused in one line:
 logit soft-capping (Gemma 2/3), logit scaling (Cohere, Granite), a final logits bias, a padded vocabulary.
+
+Several processes: the projection is the call `lm_head(hidden)` whose forward is, for that call, the fused
+loss (head_loss_sum), so an engine's hooks on the head run as for the model's own logits. DDP all-reduces
+the gradients; FSDP2 unshards the head's group in its pre-forward hook and reduce-scatters the weight's
+gradient after the head's backward, whatever group holds it (the root's, its own, the final norm's as
+accelerate's plugin makes it, the input embedding's when tied); DeepSpeed ZeRO-3 gathers the partitioned
+weight in its hooks and reduce-scatters its gradient (tests/test_sharded_training.py). A head wrapped in a
+module after fusing (FSDP1's FullyShardedDataParallel) is refused in one line: its wrapper unshards in its
+forward, which the fused loss does not call.
 """
+import contextlib
 import functools
 import inspect
 import types
@@ -105,15 +115,50 @@ def _fused_forward(self, *args, **kwargs):
         options = {k: v for k, v in self.el_options.items() if k != "chunk_size"}  # the projection's only
         outputs["loss"] = trainer_loss(outputs["logits"], target, num_items_in_batch, **options)
         return outputs
+    reason = refusal(self)  # e.g. a head wrapped since (FSDP1's wrapper unshards in its forward, not in hooks)
+    if reason:
+        raise ValueError(reason)
     base = self.base_model(**call)
     hidden = base[0]
-    head = self.get_output_embeddings()
     target = target.reshape(-1).to(hidden.device)
-    loss_sum = encouraging_linear_loss(hidden.reshape(-1, hidden.size(-1)), head.weight, target,
-                                       linear_bias=head.bias, ignore_index=IGNORE_INDEX, reduction="sum",
-                                       **self.el_options)
+    loss_sum = head_loss_sum(self.get_output_embeddings(), hidden.reshape(-1, hidden.size(-1)), target,
+                             self.el_options)
     loss = normalise(loss_sum, num_items_in_batch, target.ne(IGNORE_INDEX).sum())
     return _causal_lm_output(loss, base)
+
+
+def head_loss_sum(head, hidden, target, el_options):
+    """The summed encouraging loss of head(hidden) (N, V) for target (N,), without the logits, computed by
+    the call `head(hidden)` itself: for that call the head's forward is the fused loss, so whatever holds
+    its parameters does what it does for the model's own projection. Its forward pre-hooks materialise
+    the weight (FSDP2's unshard, DeepSpeed ZeRO-3's gather, accelerate's device hooks, which also move
+    `hidden` to the head's device), the loss is their output (FSDP2 and ZeRO-3 gather the weight again
+    for its backward from their hooks on it), and the weight's gradient reaches the parameter the
+    forward read, where the engine reduces it (DDP's all-reduce, FSDP2's reduce-scatter after the
+    head's backward, ZeRO-3's reduce-scatter)."""
+    def fused_forward(features):  # reads the parameters as the head's pre-forward hooks left them
+        return encouraging_linear_loss(features, head.weight, target.to(features.device), linear_bias=head.bias,
+                                       ignore_index=IGNORE_INDEX, reduction="sum", **el_options)
+
+    with _forward_replaced(head, fused_forward):
+        return head(hidden)
+
+
+@contextlib.contextmanager
+def _forward_replaced(module, forward):
+    """`module`'s own forward is `forward` inside the block, on this instance only; calling the module runs
+    its hooks around it as usual. accelerate's hooks keep the module's forward as `_old_forward` and call
+    it from theirs (the instance's `forward`): that one is replaced then, so their pre_forward still runs."""
+    name = "_old_forward" if "_old_forward" in vars(module) else "forward"
+    previous = vars(module).get(name)
+    setattr(module, name, forward)
+    try:
+        yield
+    finally:
+        if previous is None:
+            delattr(module, name)
+        else:
+            setattr(module, name, previous)
 
 
 def _causal_lm_output(loss, base):

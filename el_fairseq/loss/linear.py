@@ -22,7 +22,8 @@ grad gets grad_t_c = dL/dt_c from the same chunk pass (class_weighted_kernel).
 
 Not chunked (the full logits, plain torch, `_full_logits_loss`): torch's K-dimensional loss, weight
 (C, d1, ..., dK, D), whose softmax runs over C at each position, across rows of W; one class; and
-impl="reference".
+impl="reference". A DTensor weight sharded on the classes (Shard(0), a 1-D mesh) with a replicated input runs
+the vocabulary-parallel linear loss under impl="auto" (el_fairseq.parallel, `_class_sharded`).
 
 Precision: every chunk is computed in float32 (float64 stays float64): 16-bit weights are upcast once
 per call (a V x D float32 copy, the size of the float32 weight-gradient accumulator); the gradients
@@ -32,7 +33,9 @@ dtype once (fairseq's fp16 loss scale is applied before that rounding, as on the
 Chunk size: DEFAULT_CHUNK_BYTES (64 MiB) of float32 logits per chunk, C = 2^24 / V rows (524 rows at
 V = 32,000, 130 at V = 128,256); the kernel's gradient buffer is as large again.
 """
+import importlib
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -359,6 +362,10 @@ def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_inde
     class_weight = _check_weight(class_weight, weight.size(0))
     soft = target.is_floating_point()
     ignore_index = _torch_ignore_index(ignore_index, soft)
+    sharded = _class_sharded(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index, reduction,
+                             impl, chunk_size)
+    if sharded is not None:
+        return sharded
     if impl == "reference" or weight.dim() > 2 or weight.size(0) == 1:
         return _full_logits_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index,
                                  reduction, impl)
@@ -375,6 +382,28 @@ def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_inde
         return mean_over_count(loss, target.ne(ignore_index).sum())
     return _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index,
                                  reduction, impl, chunk_size)
+
+
+def _class_sharded(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index, reduction, impl,
+                   chunk_size):
+    """impl "auto" on a DTensor weight sharded on the classes (Shard(0), a vocabulary-parallel projection): the
+    vocabulary-parallel linear loss (a Replicate DTensor; el_fairseq/parallel/dtensor.py), else None. That package
+    sits above this one (it imports these chunks), so the hook is imported by name, and only once a DTensor
+    exists: no torch.distributed otherwise (api.py's _class_sharded does the same for logits)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if impl != "auto" or dtensor is None or not isinstance(weight, dtensor.DTensor):
+        return None
+    hook = importlib.import_module("el_fairseq.parallel.dtensor").class_sharded_linear_loss
+    return hook(input, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, spec, chunk_size)
+
+
+def _tensor_parallel_input(linear, input):
+    """A plain input of a module whose projection is a DTensor (tensor-parallel) as el_fairseq/parallel's
+    tensor_parallel_input makes it (a Replicate DTensor on the weight's mesh); else `input` as it is."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(linear.weight, dtensor.DTensor) or isinstance(input, dtensor.DTensor):
+        return input
+    return importlib.import_module("el_fairseq.parallel.dtensor").tensor_parallel_input(linear, input)
 
 
 def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index, reduction,
@@ -438,6 +467,7 @@ class EncouragingLinearLoss(torch.nn.Module):
         self.impl, self.chunk_size = impl, chunk_size
 
     def forward(self, input, target):
+        input = _tensor_parallel_input(self.linear, input)
         shape = (self.num_classes, *self.out_features)
         weight = self.linear.weight.reshape(*shape, self.linear.in_features)
         bias = None if self.linear.bias is None else self.linear.bias.reshape(shape)

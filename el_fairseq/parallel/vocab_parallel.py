@@ -21,7 +21,7 @@ api.py's formula. Communicated per row, never the logits:
   3. only with bonus smoothing (eps_b > 0, rho > 0): SUM of [sum_j w_j b(p_j), sum_j w_j b'(p_j) p_j] (N, 2).
 S = K + sum_{z_j < m} e_j, and 1 - p at a top class (z_j = m) is (K - 1 + sum_{z_j < m} e_j) / S: exact
 for p_y -> 1, where S - 1 in float32 loses it (the other classes have p <= 1/2). Each collective carries a
-few numbers of the call too (see _exchange_max, _exchange_sums), which check that the shards tile the
+few numbers of the call too (see exchange_max, _exchange_sums), which check that the shards tile the
 vocabulary and let one rank's refusal stop every rank instead of leaving the others waiting.
 
 Backward communicates nothing: from the saved row statistics each rank computes the gradient of its shard,
@@ -82,25 +82,39 @@ class _Call:
 def sharded_loss(logits, target, group, vocab_start, weight, ignore_index, reduction, label_smoothing,
                  spec: BonusSpec):
     """vocab_parallel_encouraging_loss with its options checked (the DTensor path, dtensor.py, enters here)."""
-    if not torch.is_tensor(target) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        shown = target.dtype if torch.is_tensor(target) else type(target).__name__
-        raise ValueError(f"target of class indices must be an integer tensor, got {shown}")
+    check_index_target(target)
     weight = _check_weight(weight)
     problem = _local_problem(logits, target, vocab_start, weight)
     flat = target.reshape(-1)
     if problem is not None:  # every rank takes part in the first collective, then raises
-        _exchange_max(_refusal_payload(logits, flat), 0, 0, True, group)
+        exchange_max(_refusal_payload(logits, flat), 0, 0, True, group)
         raise ValueError(problem)
     z = logits.reshape(flat.numel(), logits.size(-1))  # (N, V_r); V_r may be 0
-    weight = None if weight is None else weight.to(device=z.device)
-    call = _Call(group, int(vocab_start), flat, flat.ne(ignore_index), weight, label_smoothing, spec, ignore_index)
+    call = make_call(group, vocab_start, flat, weight, label_smoothing, spec, ignore_index, z.device)
     loss = _ShardedLoss.apply(z, call)  # (N,), 0 at ignored targets, in the compute dtype
     if reduction == "none":
         return loss.to(logits.dtype).reshape(target.shape)
     if reduction == "sum":
         return loss.sum().to(logits.dtype)
-    count = call.kept.sum() if weight is None else _target_weights(call, loss.dtype).sum()
-    return mean_over_count(loss.sum(), count).to(logits.dtype)
+    return mean_over_count(loss.sum(), mean_count(call, loss.dtype)).to(logits.dtype)
+
+
+def check_index_target(target):
+    """target holds class indices: an integer tensor (the same on every rank, so every rank raises alike)."""
+    if not torch.is_tensor(target) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        shown = target.dtype if torch.is_tensor(target) else type(target).__name__
+        raise ValueError(f"target of class indices must be an integer tensor, got {shown}")
+
+
+def make_call(group, vocab_start, flat, weight, label_smoothing, spec, ignore_index, device):
+    """The _Call of checked inputs: flat (N,) targets, the full class weights (or None) moved to `device`."""
+    weight = None if weight is None else weight.to(device=device)
+    return _Call(group, int(vocab_start), flat, flat.ne(ignore_index), weight, label_smoothing, spec, ignore_index)
+
+
+def mean_count(call, dtype):
+    """The divisor of reduction "mean": the number of non-ignored targets, or the sum of their weights w_y."""
+    return call.kept.sum() if call.weight is None else _target_weights(call, dtype).sum()
 
 
 def _refusal_payload(logits, target):
@@ -119,18 +133,24 @@ def _local_problem(logits, target, vocab_start, weight):
     if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(target.shape):
         return (f"target shape {tuple(target.shape)} does not match the logits shard {tuple(logits.shape)}: "
                 f"expected target {tuple(logits.shape[:-1])} (the shard's shape without its class dimension, last)")
+    return range_problem(vocab_start, logits.size(-1), logits.dtype, weight, "logits")
+
+
+def range_problem(vocab_start, size, dtype, weight, what):
+    """What is wrong with this rank's class range [vocab_start, vocab_start + size) of `what` (the logits, a
+    projection) in `dtype` against the full class weights (or None), in one line; or None."""
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral) or vocab_start < 0:
         return f"vocab_start {vocab_start!r} is out of range: allowed an int >= 0, the first class of this shard"
-    end = vocab_start + logits.size(-1)
+    end = vocab_start + size
     if weight is not None and end > weight.numel():
-        return (f"the logits shard of classes [{vocab_start}, {end}) does not fit weight ({weight.numel()},): "
+        return (f"the {what} shard of classes [{vocab_start}, {end}) does not fit weight ({weight.numel()},): "
                 f"allowed the full weight vector of all classes on every rank")
-    if compute_dtype(logits.dtype) == torch.float32 and end > 2 ** 24:  # the class counts travel in float32
-        return f"vocab_start + V_r = {end} classes is out of range for {logits.dtype} logits: allowed at most 2**24"
+    if compute_dtype(dtype) == torch.float32 and end > 2 ** 24:  # the class counts travel in float32
+        return f"vocab_start + V_r = {end} classes is out of range for {dtype} {what}: allowed at most 2**24"
     return None
 
 
-def _exchange_max(row_max, vocab_start, local_size, refused, group):
+def exchange_max(row_max, vocab_start, local_size, refused, group):
     """Collective 1, MAX: the rows' maxima and three numbers of the call: the shard's end, minus its start
     (the vocabulary then starts at 0 and ends at C), and this rank + 1 where it refused its inputs (else 0).
     Returns (m, first class, C, the highest refusing rank or -1)."""
@@ -139,6 +159,13 @@ def _exchange_max(row_max, vocab_start, local_size, refused, group):
     dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
     end, minus_start, flag = (int(v) for v in payload[-3:].tolist())
     return payload[:-3], -minus_start, end, flag - 1
+
+
+def check_refusal(refused):
+    """Raise on a rank whose inputs were fine where exchange_max reported a refusing rank (>= 0)."""
+    if refused >= 0:
+        raise ValueError(f"rank {refused} of the group refused its inputs to the vocabulary-parallel loss "
+                         f"(its error names the value)")
 
 
 def _exchange_sums(row_sums, local_size, group):
@@ -186,11 +213,12 @@ class _Rows:
 def _probabilities(z, rows, r, complement=True):
     """p and 1 - p (None without `complement`) of a chunk z (rows r) of the shard: exp(log p_j), and
     1 - p_j = -expm1(log p_j) but at a top class (z_j = m: the only ones that can be near 1) the exact omp_top."""
-    shifted = z - rows.m[r, None]
-    log_p = shifted - rows.log_s[r, None]
+    log_p = z - rows.m[r, None]
+    top = log_p == 0 if complement else None
+    log_p.sub_(rows.log_s[r, None])  # in place, as below: a chunk's temporaries are the memory above the shard
     if not complement:
-        return log_p.exp(), None
-    return log_p.exp(), torch.where(shifted == 0, rows.omp_top[r, None], -torch.expm1(log_p))
+        return log_p.exp_(), None
+    return log_p.exp(), torch.where(top, rows.omp_top[r, None], -torch.expm1(log_p))
 
 
 def _local_sums(z, m, call, local_y, own, weight, dtype):
@@ -201,7 +229,7 @@ def _local_sums(z, m, call, local_y, own, weight, dtype):
     for r in _row_chunks(n, size):
         shifted = z[r].to(dtype) - m[r, None]
         top = shifted == 0
-        sums[r, 0] = shifted.exp().masked_fill(top, 0.0).sum(-1)
+        sums[r, 0] = shifted.exp().masked_fill_(top, 0.0).sum(-1)
         sums[r, 1] = top.sum(-1).to(dtype)
         if size:
             picked = shifted.gather(-1, local_y[r, None]).squeeze(-1)
@@ -236,15 +264,13 @@ def _check_vocabulary(first, classes, sizes, call):
     check_targets(call.target, classes, call.ignore_index, call.kept)
 
 
-def _forward(z, call):
+def shard_forward(z, call):
     """Per-row loss (N,) (0 at ignored targets) and the _Rows that backward needs: the two or three collectives."""
     n, size = z.shape
     dtype = compute_dtype(z.dtype)
     local_max = z.amax(-1).to(dtype) if size else torch.full((n,), float("-inf"), dtype=dtype, device=z.device)
-    m, first, classes, refused = _exchange_max(local_max, call.vocab_start, size, False, call.group)
-    if refused >= 0:
-        raise ValueError(f"rank {refused} of the group refused its inputs to the vocabulary-parallel loss "
-                         f"(its error names the value)")
+    m, first, classes, refused = exchange_max(local_max, call.vocab_start, size, False, call.group)
+    check_refusal(refused)
     local_y = call.target.masked_fill(~call.kept, 0) - call.vocab_start
     own = call.kept & (local_y >= 0) & (local_y < size)
     local_y = local_y.clamp(0, max(size - 1, 0))
@@ -291,7 +317,7 @@ def _row_terms(rows, shifted_y, logit_sum, smoothing, call, dtype):
     return loss
 
 
-def _shard_grad(z, grad_rows, rows, call):
+def shard_grad(z, grad_rows, rows, call):
     """d(sum_i g_i loss_i)/dz of this shard, g = grad_rows (0 at ignored targets), chunk by chunk; no collective."""
     n, size = z.shape
     dtype = compute_dtype(z.dtype)
@@ -303,13 +329,13 @@ def _shard_grad(z, grad_rows, rows, call):
         p, one_minus_p = _probabilities(z[r].to(dtype), rows, r, complement=bool(rows.slope))
         g = p * rows.coef[r, None]
         if rows.slope:
-            slopes = bonus_grad(p, one_minus_p, call.spec) * rows.slope
-            g = g + p * (slopes if rows.weight is None else slopes * rows.weight)
+            slopes = bonus_grad(p, one_minus_p, call.spec).mul_(rows.slope)
+            g.add_(p * (slopes if rows.weight is None else slopes.mul_(rows.weight)))
         if eps_c:
-            g = g - eps_c * (1.0 if rows.weight is None else rows.weight)
+            g.sub_(eps_c * (1.0 if rows.weight is None else rows.weight))
         at_y = (columns == rows.local_y[r, None]) & rows.own[r, None]
-        g = torch.where(at_y, rows.grad_y[r, None], g) * scale[r, None]
-        grad[r] = torch.where(call.kept[r, None], g, torch.zeros_like(g))
+        g = torch.where(at_y, rows.grad_y[r, None], g)
+        grad[r] = g.mul_(scale[r, None]).masked_fill_(~call.kept[r, None], 0.0)
     return grad
 
 
@@ -319,7 +345,7 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, call):
-        loss, rows = _forward(z.detach(), call)
+        loss, rows = shard_forward(z.detach(), call)
         ctx.save_for_backward(z)
         ctx.call, ctx.rows = call, rows
         return loss
@@ -328,4 +354,4 @@ class _ShardedLoss(torch.autograd.Function):
     def backward(ctx, grad_rows):
         refuse_double_backward("vocabulary-parallel losses (el_fairseq.parallel)")
         (z,) = ctx.saved_tensors
-        return _shard_grad(z.detach(), grad_rows, ctx.rows, ctx.call), None
+        return shard_grad(z.detach(), grad_rows, ctx.rows, ctx.call), None
