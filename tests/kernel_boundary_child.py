@@ -170,3 +170,6 @@ if __name__ == "__main__":
     else:
         logits_cases(group)
     print("all cases ran", flush=True)
+    if group == "dtensor":  # it joined a gloo group: end without interpreter shutdown (vocab_parallel_child)
+        from vocab_parallel_child import end_finished
+        end_finished()

@@ -179,7 +179,7 @@ def run_case(name, rank):
 
 def rank_main(rank, family, port, out_dir):
     """One of WORLD ranks (a spawned process; its environment is its own): every case of `family` in turn."""
-    from vocab_parallel_child import watch_parent
+    from vocab_parallel_child import end_finished, watch_parent
 
     watch_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
@@ -195,6 +195,7 @@ def rank_main(rank, family, port, out_dir):
                     torch.save(result, os.path.join(out_dir, f"{name}.pt"))
     finally:
         dist.destroy_process_group()
+    end_finished()  # a finished rank ends without interpreter shutdown, where gloo's threads could abort it
 
 
 def spawn_ranks(family, out_dir):

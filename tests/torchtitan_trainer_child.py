@@ -32,7 +32,7 @@ from torch.nn.attention.flex_attention import AuxOutput, create_mask
 
 torch._utils._get_available_device_type = lambda: "cpu"  # before torchtitan reads it at import
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vocab_parallel_child import watch_parent  # noqa: E402
+from vocab_parallel_child import end_finished, watch_parent  # noqa: E402
 
 from el_fairseq.parallel import dtensor, vocab_parallel  # noqa: E402
 from el_fairseq.torchtitan import EncouragingLoss  # noqa: E402
@@ -188,6 +188,7 @@ def main():
     finally:
         dist.destroy_process_group()
     print("all runs ended", flush=True)
+    end_finished()
 
 
 if __name__ == "__main__":

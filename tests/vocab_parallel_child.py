@@ -37,6 +37,17 @@ def watch_parent():
     threading.Thread(target=watch, daemon=True).start()
 
 
+def end_finished(status=0):
+    """End a rank that has finished (its group destroyed) without interpreter shutdown: objects still holding
+    the gloo group (a DDP model, DeepSpeed's engine, DTensor meshes) are then destroyed in no set order and
+    gloo's threads can abort the finished process (SIGABRT, "terminate called without an active exception"),
+    as el_fairseq/criterions/spawned_worker.py found for fairseq's workers. A rank that raised exits normally,
+    so its traceback is reported."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
 class Counter:
     """Counts the calls of torch.distributed's collectives and of the functional collectives (DTensor's)."""
 
@@ -345,6 +356,7 @@ def run_rank(rank_class, *case_groups):
     finally:
         dist.destroy_process_group()
     print("all cases ran", flush=True)
+    end_finished()
 
 
 if __name__ == "__main__":
