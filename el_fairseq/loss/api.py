@@ -196,13 +196,19 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
 
 def _class_sharded(input, target, weight, ignore_index, reduction, label_smoothing, spec, impl):
     """impl "auto" on DTensor logits sharded on the class dimension: the vocabulary-parallel loss (a Replicate
-    DTensor; el_fairseq/parallel/dtensor.py), else None. That package sits above this one (it imports these
-    checks), so the hook is imported by name, and only once a DTensor exists: no torch.distributed otherwise."""
+    DTensor; el_fairseq/parallel/dtensor.py), else None."""
+    hook = parallel_hook("class_sharded_loss", input) if impl == "auto" else None
+    return None if hook is None else hook(input, target, weight, ignore_index, reduction, label_smoothing, spec)
+
+
+def parallel_hook(name, tensor):
+    """el_fairseq/parallel/dtensor.py's function `name` when `tensor` is a DTensor, else None. That package sits
+    above this one (it imports these checks), so it is imported by name, and only once a DTensor exists: without
+    one, nothing of torch.distributed is loaded. (linear.py's hooks use it too.)"""
     dtensor = sys.modules.get("torch.distributed.tensor")
-    if impl != "auto" or dtensor is None or not isinstance(input, dtensor.DTensor):
+    if dtensor is None or not isinstance(tensor, dtensor.DTensor):
         return None
-    hook = importlib.import_module("el_fairseq.parallel.dtensor").class_sharded_loss
-    return hook(input, target, weight, ignore_index, reduction, label_smoothing, spec)
+    return getattr(importlib.import_module("el_fairseq.parallel.dtensor"), name)
 
 
 def _plain_torch(logits, target, weight, label_smoothing, spec):

@@ -33,16 +33,14 @@ dtype once (fairseq's fp16 loss scale is applied before that rounding, as on the
 Chunk size: DEFAULT_CHUNK_BYTES (64 MiB) of float32 logits per chunk, C = 2^24 / V rows (524 rows at
 V = 32,000, 130 at V = 128,256); the kernel's gradient buffer is as large again.
 """
-import importlib
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from . import autocast, dispatch
 from .api import (TorchRangeError, _check_weight, _loss as _logits_loss, _unfused, check_options, check_targets,
-                  fairseq_epsilon, make_spec)
+                  fairseq_epsilon, make_spec, parallel_hook)
 from .bonus import BonusSpec
 from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
@@ -387,23 +385,18 @@ def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_inde
 def _class_sharded(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index, reduction, impl,
                    chunk_size):
     """impl "auto" on a DTensor weight sharded on the classes (Shard(0), a vocabulary-parallel projection): the
-    vocabulary-parallel linear loss (a Replicate DTensor; el_fairseq/parallel/dtensor.py), else None. That package
-    sits above this one (it imports these chunks), so the hook is imported by name, and only once a DTensor
-    exists: no torch.distributed otherwise (api.py's _class_sharded does the same for logits)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if impl != "auto" or dtensor is None or not isinstance(weight, dtensor.DTensor):
+    vocabulary-parallel linear loss (a Replicate DTensor; el_fairseq/parallel/dtensor.py), else None."""
+    hook = parallel_hook("class_sharded_linear_loss", weight) if impl == "auto" else None
+    if hook is None:
         return None
-    hook = importlib.import_module("el_fairseq.parallel.dtensor").class_sharded_linear_loss
     return hook(input, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, spec, chunk_size)
 
 
 def _tensor_parallel_input(linear, input):
     """A plain input of a module whose projection is a DTensor (tensor-parallel) as el_fairseq/parallel's
     tensor_parallel_input makes it (a Replicate DTensor on the weight's mesh); else `input` as it is."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is None or not isinstance(linear.weight, dtensor.DTensor) or isinstance(input, dtensor.DTensor):
-        return input
-    return importlib.import_module("el_fairseq.parallel.dtensor").tensor_parallel_input(linear, input)
+    hook = parallel_hook("tensor_parallel_input", linear.weight)
+    return input if hook is None else hook(linear, input)
 
 
 def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index, reduction,

@@ -78,6 +78,8 @@ def tensor_parallel_input(linear, input):
     `linear`, whose weight shard is not a vocabulary shard."""
     from torch.distributed.fsdp import FSDPModule
 
+    if isinstance(input, DTensor):  # laid out by the caller already
+        return input
     if isinstance(linear, FSDPModule):
         raise ValueError(f"EncouragingLinearLoss's projection {type(linear).__name__} is sharded by FSDP2 "
                          f"(fully_shard) and the loss reads its weight outside its forward: shard the "
