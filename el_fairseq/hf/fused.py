@@ -25,10 +25,17 @@ accelerate's plugin makes it, the input embedding's when tied); DeepSpeed ZeRO-3
 weight in its hooks and reduce-scatters its gradient (tests/test_sharded_training.py). A head wrapped in a
 module after fusing (FSDP1's FullyShardedDataParallel) is refused in one line: its wrapper unshards in its
 forward, which the fused loss does not call.
+
+A trainer that replaces the model's forward and calls its backbone itself (TRL's SFTTrainer adds its own fused
+LM head, which computes NLL and keeps this forward only for calls without `fused_lm_head=True`) would train
+with its loss, not EL: a forward pre-hook on the backbone refuses, in one line, a backbone call in training
+with gradients that does not come from this forward (or from a caller that applies the encouraging loss
+itself, inside `sanctioned_backbone_calls()`: el_fairseq.hf.trl.EncouragingSFTTrainer).
 """
 import contextlib
 import functools
 import inspect
+import threading
 import types
 
 import torch
@@ -45,6 +52,7 @@ LOGIT_TRANSFORMS = {
     "unpadded_vocab_size": (None, "a padded vocabulary (logits cut to unpadded_vocab_size)"),
 }
 LOSS_ARGUMENTS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep")
+_SANCTIONED = threading.local()  # depth of the calls that apply the encouraging loss, per thread
 
 
 def refusal(model):
@@ -93,10 +101,37 @@ def fuse_encouraging_loss(model, **el_options):
     # Bound to this instance, not set on its class; a deep copy of the model rebinds it to the copy.
     model.forward = types.MethodType(forward, model)
     model.accepts_loss_kwargs = True  # the forward takes num_items_in_batch: Trainer then passes it
+    if _refuse_bypass not in model.base_model._forward_pre_hooks.values():  # once, also when fused again
+        model.base_model.register_forward_pre_hook(_refuse_bypass)
     return model
 
 
+@contextlib.contextmanager
+def sanctioned_backbone_calls():
+    """Inside the block, backbone calls of a fused model are taken to apply the encouraging loss: this
+    forward's own, and those of a trainer that computes EL itself (EncouragingSFTTrainer)."""
+    _SANCTIONED.depth = getattr(_SANCTIONED, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _SANCTIONED.depth -= 1
+
+
+def _refuse_bypass(backbone, args):
+    """Forward pre-hook of a fused model's backbone: a training call with gradients outside the fused forward
+    means a trainer replaced that forward (TRL's SFTTrainer) and trains with its own loss."""
+    if backbone.training and torch.is_grad_enabled() and not getattr(_SANCTIONED, "depth", 0):
+        raise ValueError("fuse_encouraging_loss: the model's forward was bypassed (the backbone is trained without "
+                         "it, e.g. by TRL's SFTTrainer, whose fused head computes NLL): use "
+                         "el_fairseq.hf.trl.EncouragingSFTTrainer(..., el_options=...) for TRL")
+
+
 def _fused_forward(self, *args, **kwargs):
+    with sanctioned_backbone_calls():
+        return _fused_forward_body(self, *args, **kwargs)
+
+
+def _fused_forward_body(self, *args, **kwargs):
     own_forward = type(self).forward
     signature = inspect.signature(own_forward)
     call = signature.bind(self, *args, **kwargs).arguments
@@ -155,8 +190,8 @@ def _forward_replaced(module, forward):
     try:
         yield
     finally:
-        if previous is None:
-            delattr(module, name)
+        if previous is None:  # not delattr: torch.compile would replay it after its graph, on a module never set
+            vars(module).pop(name)
         else:
             setattr(module, name, previous)
 

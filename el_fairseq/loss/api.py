@@ -13,13 +13,14 @@ Both are `w_nll * -log p_y + u * sum_j -log p_j` with u = (1 - w_nll) / V: torch
 eps * V / (V - 1) (`fairseq_epsilon`), so both conventions run through the same kernels.
 """
 import importlib
+import operator
 import re
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from . import autocast
+from . import autocast, ops
 from .bonus import BonusSpec, EncouragingLossOptionError
 from .chunked import compute_dtype
 from .dispatch import IMPLS
@@ -103,7 +104,8 @@ def _check_weight(weight, num_classes=None):
     """None, or a floating-point tensor of shape (C,) (any C when num_classes is None)."""
     if weight is None:
         return None
-    shape_ok = torch.is_tensor(weight) and weight.dim() == 1 and num_classes in (None, weight.numel())
+    # `==`, not `in (None, numel)`: under torch.compile(dynamic=True) numel is symbolic, and no tuple member
+    shape_ok = torch.is_tensor(weight) and weight.dim() == 1 and (num_classes is None or weight.numel() == num_classes)
     if not (shape_ok and weight.is_floating_point()):
         shown = f"{weight.dtype} {tuple(weight.shape)}" if torch.is_tensor(weight) else type(weight).__name__
         raise ValueError(f"weight {shown} is not allowed: expected a floating-point tensor of shape "
@@ -113,14 +115,17 @@ def _check_weight(weight, num_classes=None):
 
 def check_targets(flat, num_classes, ignore_index, kept=None):
     """The class indices of `flat` other than ignore_index (the mask `kept` where the caller has it) lie
-    in [0, num_classes): one min/max pass, one device sync."""
-    if ignore_index is not None:  # ignored targets count as class 0; no boolean indexing (tensor subclasses, compile)
-        flat = flat.masked_fill(flat.eq(ignore_index) if kept is None else ~kept, 0)
-    if flat.numel():
-        low, high = (int(v) for v in torch.aminmax(flat))
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"target values must be in [0, {num_classes}) or ignore_index {ignore_index}, "
-                             f"got {low}..{high}")
+    in [0, num_classes): one min/max pass, one device sync; else a one-line ValueError naming the range
+    found. Returns the indices with the ignored ones set to 0.
+
+    It runs as the operator el_fairseq::checked_targets (ops.py), so that torch.compile keeps it in the
+    graph without a guard on the targets' values and torch.func.vmap checks the whole batch; a tensor
+    subclass (a DTensor's targets) runs the same check with plain torch ops."""
+    if type(flat) is torch.Tensor:
+        return ops.checked_targets(flat, num_classes, ignore_index, kept)
+    safe = flat if ignore_index is None else flat.masked_fill(flat.eq(ignore_index) if kept is None else ~kept, 0)
+    ops.raise_out_of_range(safe, num_classes, ignore_index)
+    return safe
 
 
 def _unfused(impl, what):
@@ -144,7 +149,9 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
         return sharded
     if input.dim() < 2:
         raise ValueError(f"input must be (C,), (N, C) or (N, C, d1, ...), got shape {tuple(input.shape)}")
-    num_classes = input.size(1)
+    # a constant of the graph under torch.compile(dynamic=True) (operator.index specialises it): the
+    # smoothing eps and the kernel choice below are plain floats and strings, the rows stay dynamic
+    num_classes = operator.index(input.size(1))
     weight = _check_weight(weight, num_classes)
     if impl == "auto" and input.dtype == torch.float64:
         impl = "reference"  # float64 is for checking (gradcheck, gradgradcheck): the twice-differentiable path

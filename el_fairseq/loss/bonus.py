@@ -64,14 +64,15 @@ def check_bonus_options(kind, log_end, gamma, start, epsilon, rho):
     if not 0.0 < log_end <= 1.0:
         _refuse("--log-end", log_end, "0 < LE <= 1")
     # gamma < 1 would make b'(p) infinite at p = 0 (any probability that underflows) and every
-    # gradient NaN; the authors' --bonus_gamma is a positive integer anyway.
-    if kind == "power" and not (gamma >= 1.0 and math.isfinite(gamma)):
+    # gradient NaN; the authors' --bonus_gamma is a positive integer anyway. Finite by comparison, not
+    # math.isfinite: under torch.compile(dynamic=True) a float default is a symbolic float, which it cannot take.
+    if kind == "power" and not (1.0 <= gamma < math.inf):
         _refuse("--bonus-gamma", gamma, "gamma >= 1 for --bonus power")
     if not 0.0 <= start < 1.0:
         _refuse("--bonus-start", start, "0 <= start < 1")
     if not 0.0 <= epsilon < 1.0:
         _refuse("--bonus-label-smoothing", epsilon, "0 <= eps_b < 1")
-    if not (rho >= 0.0 and math.isfinite(rho)):
+    if not 0.0 <= rho < math.inf:
         _refuse("--bonus-rho", rho, "rho >= 0 (finite)")
 
 

@@ -20,9 +20,8 @@ from .bonus import BonusSpec, EncouragingLossOptionError
 from . import chunked
 from .chunked import compute_dtype
 from .diagnostics import token_stats_from_logits
-from .fused import fused_encouraging_loss
 from .reference import encouraging_nll_loss
-from . import kernel_inputs, native, self_check, triton_kernel
+from . import kernel_inputs, native, ops, self_check, triton_kernel
 
 IMPLS = ("auto", "reference", "chunked", "native", "triton")
 # Looked up at call time, so that a replaced module function (tests inject failures) is the one used.
@@ -44,10 +43,14 @@ def _warn_once(key, message):
 
 def fused_or_reference(impl, tensors, classes):
     """`impl`, or "reference" where no fused kernel can take the tensors ({name: tensor or None}: a
-    DTensor, a FakeTensor, a torch.func wrapper, a sparse tensor) or `classes` < 2, for impl "auto" or
-    "reference"; a fused impl named explicitly refuses them in one line (KernelInputError)."""
+    DTensor, a sparse tensor; under impl "auto" also a tensor wrapped by a torch.func transform) or
+    `classes` < 2, for impl "auto" or "reference"; a fused impl named explicitly refuses them in one line
+    (KernelInputError). The kernel operators (ops.py) take what torch.compile traces them with, and
+    torch.func's wrappers through their autograd and vmap rules (a fused impl named explicitly)."""
+    transforms = impl not in ("auto", "reference")
     unreadable = next((f"{name} {kernel_inputs.describe(t)}: the fused kernels read plain dense tensors"
-                       for name, t in tensors.items() if t is not None and not kernel_inputs.plain_dense(t)), "")
+                       for name, t in tensors.items()
+                       if t is not None and not kernel_inputs.operator_input(t, transforms)), "")
     if not unreadable and classes < 2:
         unreadable = f"{classes} class: the fused kernels take at least 2"
     if not unreadable:
@@ -63,9 +66,25 @@ def path_for(logits, impl, target=None):
     kernel can read go to "reference", plain torch ops, which take them (fused_or_reference)."""
     if fused_or_reference(impl, {"logits": logits, "target": target}, logits.size(-1)) == "reference":
         return "reference"
-    if impl == "triton" or (impl == "auto" and logits.is_cuda):
+    return _kernel_for(impl, logits.device.type, logits.dtype)
+
+
+def _constant_result(fn):
+    """torch.compiler.assume_constant_result(fn), which sets this one mark, without its import of torch._dynamo
+    (~2 s): the plain loss does not load the compiler (tests/test_compile.py checks the mark is torch's)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# What runs on a device and dtype is a fact of the process (is triton installed, does the C kernel build):
+# torch.compile takes this function's result as a constant of the graph instead of tracing its Python (a
+# lock, ctypes, a warning) into graph breaks.
+@_constant_result
+def _kernel_for(impl, device_type, dtype):
+    """path_for's choice for logits that a kernel can read."""
+    if impl == "triton" or (impl == "auto" and device_type == "cuda"):
         # On CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
-        runnable = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        runnable = device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
         if triton_kernel.available() and runnable:
             return "triton"
         if impl == "triton":
@@ -73,10 +92,11 @@ def path_for(logits, impl, target=None):
             _warn_once(("triton", reason), f"el_fairseq: --el-impl triton unavailable ({reason}); using chunked")
         return "chunked"
     if impl in ("auto", "native"):
-        if native.supports(logits) and native.available():
+        supported = device_type == "cpu" and dtype == torch.float32  # native.supports, the tensor type checked
+        if supported and native.available():
             return "native"
-        if impl == "native" or (native.supports(logits) and native.error()):
-            reason = native.error() or f"it takes float32 CPU logits, got {logits.dtype} on {logits.device}"
+        if impl == "native" or (supported and native.error()):
+            reason = native.error() or f"it takes float32 CPU logits, got {dtype} on {device_type}"
             _warn_once(("native", reason), f"el_fairseq: the native kernel is unavailable ({reason}); using chunked")
         return "chunked"
     return impl
@@ -89,11 +109,15 @@ def checked_path(logits, impl, epsilon, spec, ignore_index, check_spec=None, tar
     per-chunk kernel here too."""
     impl = path_for(logits, resolve_impl(impl), target)
     if impl in ("native", "triton"):
-        ok, reason = self_check.verify(impl, KERNELS[impl](), logits, epsilon, spec, ignore_index, check_spec)
-        if not ok:
-            _warn_once((impl, "self-check", logits.dtype), f"el_fairseq: the {impl} kernel failed its self-check on "
-                       f"{logits.dtype} {logits.device.type} logits ({reason}); using chunked for this process")
-            impl = "chunked"
+        if torch.compiler.is_compiling():
+            # The options may be symbols of the graph (a float under dynamic=True): the operator runs the
+            # check when it first runs, on concrete values (ops._run_kernel).
+            return impl
+        # Outside any torch.func transform of the caller's (vmap): the check runs the kernel on plain tensors.
+        with torch._C._DisableFuncTorch():
+            probe = torch.empty(0, logits.size(-1), dtype=logits.dtype, device=logits.device)
+            impl = self_check.kernel_or_chunked(impl, KERNELS[impl](), probe, epsilon, spec, ignore_index,
+                                                check_spec)
     return impl
 
 
@@ -122,11 +146,9 @@ def encouraging_loss(logits, target, epsilon, spec: BonusSpec, ignore_index=None
     logits = logits.reshape(-1, logits.size(-1))
     target = target.reshape(-1)
     if impl in ("chunked", "native", "triton"):
-        kernel = KERNELS[impl]()
-        if torch.is_grad_enabled() and logits.requires_grad:
-            loss, nll, stats = fused_encouraging_loss(kernel, logits, target, epsilon, spec, ignore_index)
-        else:  # validation, torch.no_grad: the loss only, no N x V gradient buffer
-            loss, nll, stats, _ = kernel(logits, target, epsilon, spec, ignore_index, need_grad=False)
+        # Without a gradient wanted (validation, torch.no_grad) the kernel builds no N x V gradient buffer.
+        need_grad = torch.is_grad_enabled() and logits.requires_grad
+        loss, nll, stats = ops.fused_loss(impl, logits, target, epsilon, spec, ignore_index, need_grad)
         if reduce:
             loss, nll = loss.sum(), nll.sum()
     else:

@@ -9,6 +9,7 @@ dispatcher warns once with the reason and uses the chunked path for the rest of 
 build cache is keyed by the CPU's feature flags so that a library is only loaded where it was built.)
 """
 import dataclasses
+import warnings
 
 import torch
 
@@ -20,6 +21,7 @@ ROWS = 8
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 _results = {}
+_warned = set()
 
 
 def _batch(vocab, dtype, device, ignore_index):
@@ -83,6 +85,22 @@ def verify(impl, kernel, logits, epsilon, spec, ignore_index, check_spec=None):
     return result
 
 
+def kernel_or_chunked(impl, kernel, logits, epsilon, spec, ignore_index, check_spec=None):
+    """`impl` where `kernel` passes `verify` on logits like these (their width, dtype, device), else "chunked",
+    with a warning the first time (a warning per impl and dtype, as the results are cached per process)."""
+    ok, reason = verify(impl, kernel, logits, epsilon, spec, ignore_index, check_spec)
+    if ok:
+        return impl
+    key = (impl, "self-check", logits.dtype)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"el_fairseq: the {impl} kernel failed its self-check on {logits.dtype} "
+                      f"{logits.device.type} logits ({reason}); using chunked for this process", RuntimeWarning,
+                      stacklevel=3)
+    return "chunked"
+
+
 def reset():
-    """Forget the results (tests)."""
+    """Forget the results and the warnings given (tests)."""
     _results.clear()
+    _warned.clear()

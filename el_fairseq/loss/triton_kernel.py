@@ -38,6 +38,15 @@ def available():
     return triton is not None
 
 
+def interpreted():
+    """Whether @triton.jit runs under Triton's CPU interpreter (TRITON_INTERPRET=1 when triton was imported):
+    its kernels are then InterpretedFunctions, which torch.library.wrap_triton cannot trace."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_el_kernel, InterpretedFunction)
+
+
 if triton is not None:
 
     @triton.jit
@@ -187,7 +196,9 @@ def forward(logits, target, epsilon, spec: BonusSpec, ignore_index, block=None, 
                                                                                       device=logits.device)
     le_active = spec.kind == "log" and spec.log_end < 1.0
     block = block or min(4096, triton.next_power_of_2(vocab))
-    _el_kernel[(n,)](
+    # wrap_triton: traced by torch.compile inside the el_fairseq::triton_loss operator (ops.py); a plain
+    # launch otherwise.
+    torch.library.wrap_triton(_el_kernel)[(n,)](
         logits, target, loss, nll, stats, grad, logits.stride(0), grad.stride(0), vocab,
         -1 if ignore_index is None else int(ignore_index),
         float(epsilon), float(epsilon) / (vocab - 1), spec.rho * (1.0 - spec.epsilon), spec.rho * spec.epsilon / vocab,
