@@ -20,10 +20,23 @@ grad_output and accumulates (one more matmul per chunk, still no (N, V) buffer).
 (or when nothing requires a gradient) only the loss is computed. A probability target that requires
 grad gets grad_t_c = dL/dt_c from the same chunk pass (class_weighted_kernel).
 
+The chunk passes are torch.library operators (linear_ops.py): el_fairseq::linear_loss_summed for "sum"/"mean"
+(the gradients in the forward), el_fairseq::linear_loss_per_token and its backward operator for "none", as torch's
+own chunked linear_cross_entropy is built. torch.compile(fullgraph=True) traces a call as one node (its fake
+implementation), with no graph break and no data-dependent Python (the target check is an operator too, "mean"'s
+count a tensor); a compiled backward scales the kept gradients out of place (a compiled graph cannot keep the
+in-place rule's one-backward guard; torch's op does the same). The per-chunk kernel is resolved in eager Python
+(dispatch.checked_path) and passed by name; a traced graph passes the impl asked for and the operator resolves
+it when it runs. Under torch.func transforms impl "auto" takes the full logits with plain torch ops (grad, vmap,
+vmap(grad), jacrev, jacfwd, as torch's linear_cross_entropy without options); a fused impl named explicitly
+runs under vmap alone, through the operators' vmap rules, and is refused under grad. Double backward needs
+impl="reference" (the fused backward says so).
+
 Not chunked (the full logits, plain torch, `_full_logits_loss`): torch's K-dimensional loss, weight
-(C, d1, ..., dK, D), whose softmax runs over C at each position, across rows of W; one class; and
-impl="reference". A DTensor weight sharded on the classes (Shard(0), a 1-D mesh) with a replicated input runs
-the vocabulary-parallel linear loss under impl="auto" (el_fairseq.parallel, `_class_sharded`).
+(C, d1, ..., dK, D), whose softmax runs over C at each position, across rows of W; one class;
+impl="reference"; impl "auto" under a torch.func transform. A DTensor weight sharded on the classes
+(Shard(0), a 1-D mesh) with a replicated input runs the vocabulary-parallel linear loss under impl="auto"
+(el_fairseq.parallel, `_class_sharded`).
 
 Precision: every chunk is computed in float32 (float64 stays float64): 16-bit weights are upcast once
 per call (a V x D float32 copy, the size of the float32 weight-gradient accumulator); the gradients
@@ -37,16 +50,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._functorch import pyfunctorch
 
-from . import autocast, dispatch
+from . import autocast, dispatch, linear_ops
 from .api import (TorchRangeError, _check_weight, _loss as _logits_loss, _unfused, check_options, check_targets,
                   fairseq_epsilon, make_spec, parallel_hook)
 from .bonus import BonusSpec
 from .chunked import compute_dtype
-from .diagnostics import token_stats_from_logits
 from .fused import refuse_double_backward
+from .linear_ops import NO_GRADIENT, chunk_pass as _chunk_pass, class_weighted_kernel  # noqa: F401 (re-exported)
 from .reduction import mean_over_count
-from .reference import class_weighted_loss
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
@@ -106,56 +119,6 @@ def _check_shapes(input, weight, bias, target, chunk_size):
         raise LinearInputError(f"need at least 1 class, got linear_weight {tuple(weight.shape)}")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size {chunk_size!r} is not allowed: a positive number of rows, or None")
-
-
-def _chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs, row_scale=None):
-    """One pass over the row chunks. Returns (loss, nll, stats, grads) with per-token loss/nll (N,),
-    stats (N, 2) and grads = [grad_x, grad_w, grad_b, grad_target] in the compute dtype (None where not
-    in `needs`, the flags of the same four; grad_target, d loss_i / d target_i (N, V), is for probability
-    targets and a kernel that takes `target_grad_out`). row_scale (N,): multiplies each row's gradient."""
-    with autocast.suspended(x):  # every op here in `work` (float32/64), also inside torch.autocast
-        return _chunk_pass_in_work_dtype(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs,
-                                         row_scale)
-
-
-def _chunk_pass_in_work_dtype(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs, row_scale):
-    n, vocab = x.size(0), w.size(0)
-    work = compute_dtype(x.dtype)
-    w_work = w.detach().to(work)
-    b_work = b.detach().to(work) if b is not None else None
-    loss = x.new_zeros(n, dtype=work)
-    nll = torch.zeros_like(loss)
-    stats = x.new_zeros(n, 2, dtype=torch.float32)
-    want = any(needs[:3])  # a gradient through the logits
-    grad_x = x.new_empty(x.shape, dtype=work) if needs[0] else None
-    grad_w = torch.zeros_like(w_work) if needs[1] else None
-    grad_b = w_work.new_zeros(vocab) if needs[2] else None
-    grad_t = x.new_zeros(target.shape, dtype=work) if needs[3] else None
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
-        x_c = x[rows].detach().to(work)
-        z = F.linear(x_c, w_work, b_work)
-        out = {} if grad_t is None else {"target_grad_out": grad_t[rows]}
-        loss_c, nll_c, stats_c, g = kernel(z, target[rows], epsilon, spec, ignore_index, need_grad=want, **out)
-        del z
-        loss[rows], nll[rows], stats[rows] = loss_c, nll_c, stats_c
-        if grad_t is not None and row_scale is not None:
-            grad_t[rows].mul_(row_scale[rows].to(work).unsqueeze(-1))
-        if not want:
-            continue
-        if row_scale is not None:
-            g.mul_(row_scale[rows].to(g.dtype).unsqueeze(-1))
-        if grad_x is not None:
-            torch.mm(g, w_work, out=grad_x[rows])
-        if grad_w is not None:
-            grad_w.addmm_(g.t(), x_c)
-        if grad_b is not None:
-            grad_b.add_(g.sum(0))
-        del g  # before the next chunk's logits: two (chunk, V) buffers at a time, not three
-    return loss, nll, stats, [grad_x, grad_w, grad_b, grad_t]
-
-
-NO_GRADIENT = (False, False, False, False)
 
 
 def _needs(ctx, bias):
@@ -220,25 +183,80 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
     dispatch.encouraging_loss); loss summed when reduce, else per token (N,) like nll; stats
     (N, 2) float32 [z_y, margin], zeros at ignored tokens. impl "reference": the full logits with
     autograd (for tests). check_spec: the run's configured options, for the per-chunk kernel's
-    first-use self-check (dispatch.checked_path; a bonus schedule's rho is 0 at update 0)."""
+    first-use self-check (dispatch.checked_path; a bonus schedule's rho is 0 at update 0; where the
+    kernel is resolved inside the operator, under torch.compile or vmap, its rho is what is passed).
+
+    The chunks run as the operators of linear_ops.py: one node of a compiled graph, no data-dependent
+    Python on the way (the target check is the operator el_fairseq::checked_targets)."""
     _check_shapes(input, weight, bias, target, chunk_size)
     x = input.reshape(-1, input.size(-1))
     flat = target.reshape(-1)
     tensors = {"input": input, "linear_weight": weight, "linear_bias": bias, "target": target}
-    impl = dispatch.fused_or_reference(impl, tensors, weight.size(0))
+    impl = _fused_or_reference(impl, tensors, weight.size(0))
     if impl == "reference":
         loss, nll, stats = dispatch.encouraging_loss(F.linear(x, weight, bias), flat, epsilon, spec, ignore_index,
                                                      reduce=False, impl=impl, with_stats=True)
         return (loss.sum() if reduce else loss), nll, stats.float()
     vocab = weight.size(0)
     check_targets(flat, vocab, ignore_index)
-    work = compute_dtype(input.dtype)
-    path = dispatch.checked_path(x.new_empty(0, vocab, dtype=work), impl, epsilon, spec, ignore_index, check_spec)
-    return _chunked(x, weight, bias, flat, epsilon, spec, ignore_index, dispatch.KERNELS[path](), reduce, chunk_size)
+    kernel = _kernel_name(x, vocab, impl, epsilon, spec, ignore_index, check_spec)
+    check_rho = None if check_spec is None or check_spec == spec else check_spec.rho
+    options = linear_ops.Options(epsilon, 0.0, spec, ignore_index, kernel, chunk_size or default_chunk_size(vocab),
+                                 check_rho)
+    return _operator_loss(x, weight, bias, flat, None, options, reduce)
+
+
+def _fused_or_reference(impl, tensors, classes):
+    """dispatch.fused_or_reference for the linear loss: the operators take what a compiled graph hands them
+    (FakeTensors while it is traced, plain tensors when it runs), and, under torch.func.vmap alone, the
+    batched tensors of a fused impl named explicitly (their vmap rules); impl "auto" under any torch.func
+    transform is "reference", the full logits with plain torch ops (grad, jacrev, jacfwd, vmap of those)."""
+    if torch.compiler.is_compiling():
+        return impl if classes >= 2 else "reference"
+    if impl not in ("auto", "reference") and _vmap_only():
+        return impl
+    return dispatch.fused_or_reference(impl, tensors, classes)
+
+
+def _vmap_only():
+    """Whether torch.func transforms are active and every one of them is vmap."""
+    keys = [i.key() for i in pyfunctorch.retrieve_all_functorch_interpreters()]
+    return bool(keys) and all(k == torch._C._functorch.TransformType.Vmap for k in keys)
+
+
+def _transformed():
+    """Whether a torch.func transform (grad, vmap, jvp, functionalize) is active (in eager Python: a compiled
+    graph's tensors are plain when it runs)."""
+    return not torch.compiler.is_compiling() and bool(pyfunctorch.retrieve_all_functorch_interpreters())
+
+
+def _kernel_name(x, vocab, impl, epsilon, spec, ignore_index, check_spec):
+    """The per-chunk kernel the operators run: resolved here, in eager Python, where the self-check can run
+    (dispatch.checked_path: its warnings come from this call); the impl asked for where it cannot, in a traced
+    graph or under vmap (the operator resolves it when it runs, on plain tensors)."""
+    if torch.compiler.is_compiling() or _transformed():
+        return impl
+    return dispatch.checked_path(x.new_empty(0, vocab, dtype=compute_dtype(x.dtype)), impl, epsilon, spec,
+                                 ignore_index, check_spec)
+
+
+def _operator_loss(x, weight, bias, target, class_weight, options, reduce):
+    """(loss, nll, stats) of the rows x (N, D) from linear_ops' operators: the summed one (gradients in the
+    forward, for those tensors that require one) when reduce, else the per-token one."""
+    if not reduce:
+        return linear_ops.linear_loss_per_token(x, weight, bias, target, class_weight, *options.args())
+    grad = torch.is_grad_enabled()
+    needs = [grad and t is not None and t.requires_grad for t in (x, weight, bias, target)]
+    # In place in eager (one (V, D) buffer less); a compiled graph cannot keep the one-backward guard.
+    in_place = not torch.compiler.is_compiling()
+    loss, nll, stats, *_ = linear_ops.linear_loss_summed(x, weight, bias, target, class_weight, *options.args(),
+                                                         in_place, needs)
+    return loss, nll, stats
 
 
 def _chunked(x, weight, bias, target, epsilon, spec, ignore_index, kernel, reduce, chunk_size):
-    """(loss, nll, stats) over row chunks of x (N, D) with `kernel` (dispatch.KERNELS' interface)."""
+    """(loss, nll, stats) over row chunks of x (N, D) with a callable `kernel` (dispatch.KERNELS' interface;
+    the vocabulary-parallel shard kernel, which holds a process group and state, is no operator argument)."""
     step = chunk_size or default_chunk_size(weight.size(0))
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                   for t in (x, weight, bias, target))
@@ -248,43 +266,6 @@ def _chunked(x, weight, bias, target, epsilon, spec, ignore_index, kernel, reduc
         return (loss.sum() if reduce else loss), nll, stats
     function = _SummedLinearLoss if reduce else _PerTokenLinearLoss
     return function.apply(x, weight, bias, target, epsilon, spec, ignore_index, kernel, step)
-
-
-def class_weighted_kernel(class_weight, label_smoothing):
-    """A per-chunk kernel (dispatch.KERNELS' interface) for what the fused kernels do not take: class
-    weights with label smoothing, and probability targets. reference.class_weighted_loss on the chunk's
-    logits (torch's conventions, `epsilon` unused), its gradient by autograd: a few (chunk, V) temporaries,
-    still never (N, V). nll: -sum_j t_j log p_j; stats: [z_y, margin] for class indices, zeros for
-    probabilities (no single target). target_grad_out (chunk, V), for probabilities: receives
-    d loss_i / d t_ij = w_j [(1 - eps) (-log p_j) + rho (1 - eps_b) b(p_j)] (the loss is linear in t),
-    by autograd w.r.t. the chunk's target too."""
-    def kernel(z, target, epsilon, spec, ignore_index, need_grad=True, target_grad_out=None):
-        soft = target.is_floating_point()
-        kept = None if soft else target.ne(ignore_index)
-        safe = target.detach().to(z.dtype) if soft else target.masked_fill(~kept, 0)
-        w = None if class_weight is None else class_weight.to(device=z.device, dtype=z.dtype)
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(need_grad)
-            if target_grad_out is not None:
-                safe = safe.detach().requires_grad_(True)
-            lprobs = torch.log_softmax(z, dim=-1)
-            loss = class_weighted_loss(lprobs, safe, w, label_smoothing, spec)
-            if kept is not None:
-                loss = loss.masked_fill(~kept, 0.0)
-            wrt = [t for t, wanted in ((z, need_grad), (safe, target_grad_out is not None)) if wanted]
-            grads = torch.autograd.grad(loss.sum(), wrt) if wrt else ()
-        grad = grads[0] if need_grad else None
-        if target_grad_out is not None:
-            target_grad_out.copy_(grads[-1])
-        with torch.no_grad():
-            if soft:
-                nll = class_weighted_loss(lprobs, safe, None, 0.0, BonusSpec(rho=0.0))
-                stats = z.new_zeros(z.size(0), 2, dtype=torch.float32)
-            else:
-                nll = -lprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1).masked_fill(~kept, 0.0)
-                stats = token_stats_from_logits(z, target, ignore_index)
-        return loss.detach(), nll, stats, grad
-    return kernel
 
 
 def encouraging_linear_loss(input, linear_weight, target, *, linear_bias=None, weight=None, log_end=0.75,
@@ -364,7 +345,7 @@ def _linear_loss(input, weight, bias, target, spec, label_smoothing, ignore_inde
                              impl, chunk_size)
     if sharded is not None:
         return sharded
-    if impl == "reference" or weight.dim() > 2 or weight.size(0) == 1:
+    if impl == "reference" or weight.dim() > 2 or weight.size(0) == 1 or (impl == "auto" and _transformed()):
         return _full_logits_loss(input, weight, bias, target, class_weight, spec, label_smoothing, ignore_index,
                                  reduction, impl)
     if class_weight is None and not soft:
@@ -412,8 +393,9 @@ def _torch_semantics_loss(input, weight, bias, target, class_weight, spec, label
         _unfused(impl, "probability targets" if soft else "weight with label_smoothing or bonus_label_smoothing")
         if not soft:
             check_targets(flat, vocab, ignore_index)
-        kernel = class_weighted_kernel(class_weight, label_smoothing)
-        loss = _chunked(x, weight, bias, flat, 0.0, spec, ignore_index, kernel, reduce, chunk_size)[0]
+        options = linear_ops.Options(0.0, label_smoothing, spec, ignore_index, linear_ops.CLASS_WEIGHTED,
+                                     chunk_size or default_chunk_size(vocab))
+        loss = _operator_loss(x, weight, bias, flat, class_weight, options, reduce)[0]
     else:  # a weight without smoothing scales the fused per-token loss: w_y (CE + rho b(p_y))
         loss = fused_linear_encouraging_loss(x, weight, bias, flat, 0.0, spec, ignore_index, reduce=False, impl=impl,
                                              chunk_size=chunk_size)[0]
