@@ -23,6 +23,7 @@ bench: install
 	$(PY) -m benchmarks.loss_benchmark
 	$(PY) -m benchmarks.linear_benchmark
 	$(PY) -m benchmarks.vocab_parallel_benchmark
+	$(PY) -m benchmarks.compile_benchmark
 
 # Is a change slower? The same two benchmarks for BASE (a revision) and this tree, alternating, in one run.
 bench-compare: install

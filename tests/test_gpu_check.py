@@ -80,3 +80,18 @@ def test_pytest_counts():
     assert pytest_counts("....\n3 passed, 2 skipped, 5 warnings in 4.1s\n") == {"passed": 3, "skipped": 2}
     assert pytest_counts("F.\n1 failed, 1 passed in 2s\n") == {"failed": 1, "passed": 1}
     assert pytest_counts("9 skipped, 700 deselected in 3s") == {"skipped": 9, "deselected": 700}
+
+
+def test_compile_stage_runs_on_the_cpu(tmp_path):
+    """The compile benchmark stage (a GPU default) named on the CPU, tiny and with aot_eager: every row of
+    head x loss x mode, EL without graph breaks, and its report section."""
+    out = tmp_path / "gpu-check"
+    proc = gpu_check("--device", "cpu", "--stages", "compile", "--out", str(out), "--compile-tokens", "64",
+                     "--compile-seq", "32", "--compile-dim", "32", "--compile-layers", "1", "--compile-vocab", "301",
+                     "--compile-rounds", "1", "--compile-backend", "aot_eager")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "report.json").read_text())["stages"]["compile"]["rows"]
+    assert {(r["head"], r["loss"], r["mode"]) for r in rows} == {
+        (h, l, m) for h in ("logits", "linear") for l in ("ce", "el") for m in ("eager", "compiled")}
+    assert all(r["graph_breaks"] == 0 and r["median_s"] > 0 for r in rows if r["loss"] == "el")
+    assert "## torch.compile" in (out / "report.md").read_text()

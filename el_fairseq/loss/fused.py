@@ -33,6 +33,9 @@ def setup_context(ctx, inputs, output):
     ctx.grad = output[3].detach()
     ctx.logits_dtype = inputs[0].dtype
     ctx.mark_non_differentiable(*output[1:])
+    # No zeros for the outputs that get no gradient (nll, stats and the (N, V) gradient output): autograd
+    # would otherwise fill an (N, V) tensor with zeros at every backward, only for backward to ignore it.
+    ctx.set_materialize_grads(False)
 
 
 def backward(ctx, grad_loss, grad_nll, grad_stats, grad_grad):

@@ -13,14 +13,20 @@ Stages (each recorded, a failing one does not stop the next):
   4. linear       benchmarks.linear_benchmark on the device: the fused linear EL (no logits) against
                   logits-in EL, torch's linear + CE and torch's chunked F.linear_cross_entropy, per dtype,
                   at N 8,192, D 1,024, V 32,000 and 128,256 by default;
-  5. training     fairseq-train with the `multi30k` recipe (transformer_iwslt_de_en), CE and EL, fp16,
+  5. compile      benchmarks.compile_benchmark on the device: a small transformer LM's training step
+                  (forward + backward, float32), eager against torch.compile (inductor), with CE and EL,
+                  through logits and through the fused linear losses; N 8,192 (8 x 1,024), D 1,024,
+                  4 layers, V 32,000 by default (on --device cpu only with --stages ... compile: make bench
+                  gives the CPU rows);
+  6. training     fairseq-train with the `multi30k` recipe (transformer_iwslt_de_en), CE and EL, fp16,
                   --updates each on Multi30k De-En (prepared from --raw-dir, default ../shared/data/multi30k),
                   no validation or checkpoints: training tokens/s and peak GPU memory.
-Writes OUT/report.md and OUT/report.json (with the GPU's name), OUT/loss_benchmark.json and
-OUT/linear_benchmark.json.
+Writes OUT/report.md and OUT/report.json (with the GPU's name), OUT/loss_benchmark.json,
+OUT/linear_benchmark.json and OUT/compile_benchmark.json.
 
---device cpu runs the same stages on the CPU, for testing this command where there is no GPU (the
-CUDA tests then skip); trailing fairseq flags go to both trainings (the tests shrink the model).
+--device cpu runs the same stages on the CPU (compile only when --stages names it), for testing this
+command where there is no GPU (the CUDA tests then skip); trailing fairseq flags go to both trainings
+(the tests shrink the model).
 """
 import argparse
 import datetime
@@ -38,6 +44,7 @@ from .recipes import LOSS_FLAGS, quote, train_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_RAW = os.path.join(os.path.dirname(ROOT), "shared", "data", "multi30k")
+STAGES = ("tests", "benchmark", "linear", "compile", "training")
 
 
 def log(message):
@@ -107,6 +114,12 @@ def run_linear_benchmark(device, out, vocabs, tokens, dim, dtypes):
     return run_benchmark_module("linear_benchmark", out, [
         "--device", device, "--dtypes", *dtypes, "--vocabs", *map(str, vocabs), "--tokens", str(tokens),
         "--dim", str(dim)])
+
+
+def run_compile_benchmark(device, out, tokens, seq, dim, layers, vocab, rounds, backend):
+    return run_benchmark_module("compile_benchmark", out, [
+        "--device", device, "--tokens", str(tokens), "--seq", str(seq), "--dim", str(dim), "--layers", str(layers),
+        "--vocab", str(vocab), "--rounds", str(rounds), "--backend", backend])
 
 
 def prepare_data(raw_dir, out):
@@ -231,6 +244,11 @@ def markdown(report):
                                lambda r: f"| {r['dtype']} | {r['vocab']} | {r['method']} | {r['seconds']:.3f} | "
                                          f"{r['time_ratio']:.2f} | {r['peak_extra_bytes'] / 2**20:.1f} | "
                                          f"{r['memory_ratio']:.2f} |")
+    lines += benchmark_section(report["stages"].get("compile"), "torch.compile: a small transformer's training step",
+                               "| head | loss | mode | first s | time ms | x eager | x CE | graph breaks |",
+                               lambda r: f"| {r['head']} | {r['loss'].upper()} | {r['mode']} | {r['first_s']:.1f} | "
+                                         f"{r['median_s'] * 1e3:.2f} | {r['x_eager']:.2f} | {r['x_ce']:.2f} | "
+                                         f"{r['graph_breaks']} |")
     training = report["stages"].get("training")
     if training:
         lines += ["## Training (fairseq-train, `multi30k` recipe, Multi30k De-En)", "",
@@ -267,8 +285,8 @@ def main(argv=None):
     parser.add_argument("--data", help="a prepared Multi30k De-En data-bin folder (skips data preparation)")
     parser.add_argument("--updates", type=int, default=300, help="training updates per loss (default 300)")
     parser.add_argument("--out", default=os.path.join("results", "gpu-check"))
-    parser.add_argument("--stages", nargs="+", choices=["tests", "benchmark", "linear", "training"],
-                        default=["tests", "benchmark", "linear", "training"])
+    parser.add_argument("--stages", nargs="+", choices=STAGES,
+                        help="default: all; on --device cpu all but compile (make bench gives its CPU rows)")
     parser.add_argument("--bench-vocabs", type=int, nargs="+", default=[10000, 32000])
     parser.add_argument("--bench-tokens", type=int, default=4096)
     parser.add_argument("--bench-repeats", type=int, default=20)
@@ -277,9 +295,18 @@ def main(argv=None):
     parser.add_argument("--linear-vocabs", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--linear-tokens", type=int, default=8192)
     parser.add_argument("--linear-dim", type=int, default=1024)
+    parser.add_argument("--compile-tokens", type=int, default=8192)
+    parser.add_argument("--compile-seq", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--compile-dim", type=int, default=1024)
+    parser.add_argument("--compile-layers", type=int, default=4)
+    parser.add_argument("--compile-vocab", type=int, default=32000)
+    parser.add_argument("--compile-rounds", type=int, default=10)
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (default: %(default)s)")
     args, extra = parser.parse_known_args(argv)
     if args.updates < 1:
         parser.error(f"--updates {args.updates}: must be at least 1")
+    if args.stages is None:
+        args.stages = [s for s in STAGES if args.device == "cuda" or s != "compile"]
 
     import torch
 
@@ -302,6 +329,12 @@ def main(argv=None):
         log("linear benchmark (fused output projection + loss)")
         report["stages"]["linear"] = run_linear_benchmark(args.device, args.out, args.linear_vocabs, args.linear_tokens,
                                                           args.linear_dim, args.bench_dtypes)
+    if "compile" in args.stages:
+        log("compile benchmark (eager vs torch.compile, CE and EL)")
+        report["stages"]["compile"] = run_compile_benchmark(args.device, args.out, args.compile_tokens,
+                                                            args.compile_seq, args.compile_dim, args.compile_layers,
+                                                            args.compile_vocab, args.compile_rounds,
+                                                            args.compile_backend)
     if "training" in args.stages:
         data = args.data or prepare_data(args.raw_dir, args.out)
         report["stages"]["training"] = run_training(args.device, args.out, data, args.updates, extra)
