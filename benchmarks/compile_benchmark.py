@@ -80,12 +80,16 @@ def build_model(vocab, dim, layers):
 
 
 # One function per (head, loss), each its own code object: dynamo caches compiled code per code object.
+# EL's impl (--el-impl; "auto": the kernel operators; "reference": plain torch ops, which inductor fuses).
+EL_IMPL = "auto"
+
+
 def ce_logits(model, tokens, target):
     return F.cross_entropy(model.head(model.features(tokens)), target)
 
 
 def el_logits(model, tokens, target):
-    return encouraging_loss(model.head(model.features(tokens)), target)
+    return encouraging_loss(model.head(model.features(tokens)), target, impl=EL_IMPL)
 
 
 def ce_linear(model, tokens, target):
@@ -94,14 +98,16 @@ def ce_linear(model, tokens, target):
 
 
 def el_linear(model, tokens, target):
-    return encouraging_linear_loss(model.features(tokens), model.head.weight, target)
+    return encouraging_linear_loss(model.features(tokens), model.head.weight, target, impl=EL_IMPL)
 
 
 LOSSES = {("logits", "ce"): ce_logits, ("logits", "el"): el_logits, ("linear", "ce"): ce_linear,
           ("linear", "el"): el_linear}
 
 
-def worker(head, tokens, seq, dim, layers, vocab, rounds, threads, device, backend):
+def worker(head, tokens, seq, dim, layers, vocab, rounds, threads, device, backend, el_impl="auto"):
+    global EL_IMPL
+    EL_IMPL = el_impl
     """The four steps' rows for one head (module docstring)."""
     from torch._dynamo.utils import counters
 
@@ -199,6 +205,8 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend (default: %(default)s)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--el-impl", choices=["auto", "reference", "chunked"], default="auto",
+                        help="EL's impl (default: %(default)s; reference: plain torch ops, which inductor fuses)")
     parser.add_argument("--worker", choices=HEADS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tokens < args.seq or args.tokens % args.seq:
@@ -207,7 +215,7 @@ def main(argv=None):
         parser.error(f"--rounds {args.rounds}: must be at least 1")
     if args.worker:
         print(json.dumps(worker(args.worker, args.tokens, args.seq, args.dim, args.layers, args.vocab, args.rounds,
-                                args.threads, args.device, args.backend)))
+                                args.threads, args.device, args.backend, args.el_impl)))
         return
 
     from benchmarks.loss_benchmark import describe_machine
@@ -215,7 +223,8 @@ def main(argv=None):
     machine = describe_machine(args.device, args.threads)
     print(f"{args.device.upper()}: {machine}")
     print(f"training step (forward + backward), float32: N {args.tokens} ({args.tokens // args.seq} x {args.seq}), "
-          f"D {args.dim}, {args.layers} layers, V {args.vocab}; eager vs torch.compile(backend={args.backend!r}); "
+          f"D {args.dim}, {args.layers} layers, V {args.vocab}; EL impl {args.el_impl!r}; eager vs "
+          f"torch.compile(backend={args.backend!r}); "
           f"median of {args.rounds} rounds")
     print(f"{'head':<7} {'loss':<4} {'mode':<9} {'first s':>8} {'time s':>8} {'x eager':>8} {'x CE':>6} {'breaks':>6}")
     rows = []
@@ -223,7 +232,7 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "benchmarks.compile_benchmark", "--worker", head, "--tokens", str(args.tokens),
                "--seq", str(args.seq), "--dim", str(args.dim), "--layers", str(args.layers), "--vocab",
                str(args.vocab), "--rounds", str(args.rounds), "--threads", str(args.threads), "--device",
-               args.device, "--backend", args.backend]
+               args.device, "--backend", args.backend, "--el-impl", args.el_impl]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(
             args.threads)}, cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         if out.returncode != 0:
