@@ -45,3 +45,21 @@ def fresh_kernel_state():
     yield
     self_check.reset()
     dispatch._warned.clear()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """For the tests that compile: each test compiles from nothing (dynamo's caches and its counters of graphs
+    and breaks reset), and inductor builds in the test process, without a worker pool beside it (a 2-core CI
+    machine). torch._dynamo is imported here, not at collection: only these tests pay its import."""
+    from unittest import mock
+
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with mock.patch.object(torch._inductor.config, "compile_threads", 1):
+        yield
+    torch._dynamo.reset()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from unittest import mock
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES, FEATURES = 11, 8
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch, inductor without a worker pool (a loaded CI machine)."""
-    torch._dynamo.reset()
-    with mock.patch.object(torch._inductor.config, "compile_threads", 1):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py
 
 
 class Classifier(torch.nn.Module):

@@ -4,7 +4,6 @@ criterion (its fused-projection forward, its compute_loss on a model's output) c
 (torch._dynamo.explain) and equal eager in the loss, the logging outputs and every gradient, in float32 and in
 bfloat16 under autocast, with static and dynamic shapes; a second and third batch length recompile no more than
 torch's own F.linear_cross_entropy does (CompileCounter). aot_eager for most, inductor once."""
-from unittest import mock
 
 import pytest
 import torch
@@ -18,13 +17,7 @@ from el_fairseq import EncouragingLinearLoss, encouraging_linear_loss
 D, V, CHUNK = 16, 50, 5
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch, and inductor spawns no worker pool (a 2-core CI machine)."""
-    torch._dynamo.reset()
-    with mock.patch.object(torch._inductor.config, "compile_threads", 1):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py
 
 
 class Model(torch.nn.Module):

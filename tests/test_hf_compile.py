@@ -12,7 +12,6 @@ CPU); one runs inductor, which generates C++ for the fused model's forward and b
 in this process (compile_threads = 1): no worker pool.
 """
 import copy
-from unittest import mock
 
 import pytest
 import torch
@@ -28,14 +27,7 @@ VOCAB, PAD, WIDTH = 37, 0, 9
 EL = dict(log_end=0.5, bonus_rho=0.7, bonus_label_smoothing=0.1, label_smoothing=0.1)  # non-default options
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from nothing and counts its own graphs and breaks; inductor builds in this process."""
-    torch._dynamo.reset()
-    counters.clear()
-    with mock.patch.object(torch._inductor.config, "compile_threads", 1):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py
 
 
 def llama(seed=0, layers=2):

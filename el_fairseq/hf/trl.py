@@ -47,6 +47,7 @@ from transformers.utils import ModelOutput
 from ..loss.api import encouraging_loss, make_spec
 from ..loss.bonus import bonus_value
 from ..loss.linear import default_chunk_size, encouraging_linear_loss
+from ..loss.linear_ops import accumulate_projection_grads
 from .fused import _forward_replaced, refusal, sanctioned_backbone_calls
 from .loss import IGNORE_INDEX, check_el_options
 
@@ -128,12 +129,7 @@ class _LossAndMetrics(torch.autograd.Function):
                 del z
                 if g is None:
                     continue
-                if grad_x is not None:
-                    torch.mm(g, w_work, out=grad_x[rows])
-                if grad_w is not None:
-                    grad_w.addmm_(g.t(), x_c)
-                if grad_b is not None:
-                    grad_b.add_(g.sum(0))
+                accumulate_projection_grads(g, x_c, w_work, rows, grad_x, grad_w, grad_b)
                 del g
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_x, grad_w, grad_b)))
         ctx.present = (grad_x is not None, grad_w is not None, grad_b is not None)

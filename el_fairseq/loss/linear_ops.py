@@ -62,6 +62,17 @@ def chunk_pass(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs
                                          row_scale)
 
 
+def accumulate_projection_grads(g, x_c, w, rows, grad_x, grad_w, grad_b):
+    """One chunk's share of the projection's gradients, from g = dL/dz_c (C, V) for z_c = x_c W^T + b:
+    grad_x[rows] = g W, grad_W += g^T x_c, grad_b += the column sums of g (each skipped where None)."""
+    if grad_x is not None:
+        torch.mm(g, w, out=grad_x[rows])
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), x_c)
+    if grad_b is not None:
+        grad_b.add_(g.sum(0))
+
+
 def _chunk_pass_in_work_dtype(x, w, b, target, epsilon, spec, ignore_index, kernel, step, needs, row_scale):
     n, vocab = x.size(0), w.size(0)
     work = compute_dtype(x.dtype)
@@ -89,12 +100,7 @@ def _chunk_pass_in_work_dtype(x, w, b, target, epsilon, spec, ignore_index, kern
             continue
         if row_scale is not None:
             g.mul_(row_scale[rows].to(g.dtype).unsqueeze(-1))
-        if grad_x is not None:
-            torch.mm(g, w_work, out=grad_x[rows])
-        if grad_w is not None:
-            grad_w.addmm_(g.t(), x_c)
-        if grad_b is not None:
-            grad_b.add_(g.sum(0))
+        accumulate_projection_grads(g, x_c, w_work, rows, grad_x, grad_w, grad_b)
         del g  # before the next chunk's logits: two (chunk, V) buffers at a time, not three
     return loss, nll, stats, [grad_x, grad_w, grad_b, grad_t]
 
