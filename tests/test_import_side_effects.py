@@ -46,8 +46,12 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('fairseq', 'fairseq_c
 
 
 def test_importing_the_public_loss_after_fairseq_patches_nothing():
-    # the control: the plugin, imported afterwards in the same process, does patch each of these
+    # the control: the plugin, imported afterwards in the same process, does patch each of these.
+    # torch imports its compiler, torch._dynamo, at the first call of any torch.library custom op (the loss's
+    # kernels are ones, as is torch's own linear_cross_entropy); that import adds torch.distributed.tensor's
+    # classes to torch's safe globals. torch's own change, made before the state is taken: what is compared is ours.
     assert python("""
+import torch._dynamo
 before = state()
 import torch
 import el_fairseq
