@@ -176,8 +176,7 @@ def _loss(input, target, weight, ignore_index, reduction, label_smoothing, spec,
             raise ValueError(f"target of class indices must be an integer tensor, got {target.dtype}")
         flat = target.reshape(-1)
         kept = flat.ne(ignore_index)
-        check_targets(flat, num_classes, ignore_index, kept)
-        safe = flat.masked_fill(~kept, 0)
+        safe = check_targets(flat, num_classes, ignore_index, kept)  # ignored targets as class 0
         # Without smoothing a class weight scales the whole token loss, w_y (CE + rho b(p_y)): the fused
         # kernels' per-token loss times w_y is exact. Smoothing weights each class j: plain torch.
         smoothed = label_smoothing > 0.0 or (spec.active and spec.epsilon > 0.0)

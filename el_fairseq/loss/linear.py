@@ -192,7 +192,8 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
     x = input.reshape(-1, input.size(-1))
     flat = target.reshape(-1)
     tensors = {"input": input, "linear_weight": weight, "linear_bias": bias, "target": target}
-    impl = _fused_or_reference(impl, tensors, weight.size(0))
+    # the operators take what a compiled graph traces, and a named fused impl's vmap-batched tensors
+    impl = dispatch.fused_or_reference(impl, tensors, weight.size(0))
     if impl == "reference":
         loss, nll, stats = dispatch.encouraging_loss(F.linear(x, weight, bias), flat, epsilon, spec, ignore_index,
                                                      reduce=False, impl=impl, with_stats=True)
@@ -204,24 +205,6 @@ def fused_linear_encouraging_loss(input, weight, bias, target, epsilon, spec: Bo
     options = linear_ops.Options(epsilon, 0.0, spec, ignore_index, kernel, chunk_size or default_chunk_size(vocab),
                                  check_rho)
     return _operator_loss(x, weight, bias, flat, None, options, reduce)
-
-
-def _fused_or_reference(impl, tensors, classes):
-    """dispatch.fused_or_reference for the linear loss: the operators take what a compiled graph hands them
-    (FakeTensors while it is traced, plain tensors when it runs), and, under torch.func.vmap alone, the
-    batched tensors of a fused impl named explicitly (their vmap rules); impl "auto" under any torch.func
-    transform is "reference", the full logits with plain torch ops (grad, jacrev, jacfwd, vmap of those)."""
-    if torch.compiler.is_compiling():
-        return impl if classes >= 2 else "reference"
-    if impl not in ("auto", "reference") and _vmap_only():
-        return impl
-    return dispatch.fused_or_reference(impl, tensors, classes)
-
-
-def _vmap_only():
-    """Whether torch.func transforms are active and every one of them is vmap."""
-    keys = [i.key() for i in pyfunctorch.retrieve_all_functorch_interpreters()]
-    return bool(keys) and all(k == torch._C._functorch.TransformType.Vmap for k in keys)
 
 
 def _transformed():
