@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +98,10 @@ def main(argv=None):
         rows = [{"benchmark": k[0], "impl": k[1], "vocab": k[2], "mode": k[3], "dtype": k[4], **v}
                 for k, v in sorted(times.items())]
         with open(args.json, "w") as f:
-            json.dump({"base": base_commit.stdout.strip(), "current": current.strip(), "rows": rows}, f, indent=1)
+            json.dump({"command": "python -m benchmarks.compare_revisions " + " ".join(sys.argv[1:] if argv is None
+                                                                                       else argv),
+                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "base": base_commit.stdout.strip(),
+                       "current": current.strip(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -248,7 +248,10 @@ def main(argv=None):
               f"(EL/CE compiled) / (EL/CE eager) {g['el_over_ce_compiled_over_eager']:.2f} (goal <= 1)")
     if args.json:
         with open(args.json + ".tmp", "w") as f:
-            json.dump({"machine": machine, "backend": args.backend, "goals": summary, "rows": rows}, f, indent=1)
+            json.dump({"command": "python -m benchmarks.compile_benchmark " + " ".join(sys.argv[1:] if argv is None
+                                                                                      else argv),
+                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine,
+                       "backend": args.backend, "el_impl": args.el_impl, "goals": summary, "rows": rows}, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
 
 
